@@ -1,0 +1,182 @@
+"""The config keeps every Eden / XPU-fork parameter, loads their files unchanged, and explains every bad input."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import pytest
+
+from trainer.config import ConfigError, TrainingConfig, load_config, parse_overrides
+from trainer.config.docs import parameter_table
+
+# The parameter table of the Eden trainer's XPU fork (name: default), as data. "required" marks fields without one.
+EDEN_DEFAULTS = {
+    "lora_training_urls": "required", "concept_mode": "required", "caption_prefix": "", "prompt_modifier": None,
+    "caption_model": "florence", "caption_dropout": 0.1, "sd_model_version": None, "ckpt_path": None,
+    "pretrained_model": None, "seed": None, "resolution": 512, "validation_img_size": None, "train_img_size": None,
+    "train_aspect_ratio": None, "train_batch_size": 4, "max_train_steps": 300, "num_train_epochs": None,
+    "checkpointing_steps": 10000, "gradient_accumulation_steps": 1, "is_lora": True, "unet_optimizer_type": "adamw",
+    "unet_lr_warmup_steps": None, "unet_lr": 0.0003, "prodigy_d_coef": 1.0, "unet_prodigy_growth_factor": 1.05,
+    "lora_weight_decay": 0.004, "ti_lr": 0.001, "token_warmup_steps": 0, "ti_weight_decay": 0.0,
+    "ti_optimizer": "adamw", "freeze_ti_after_completion_f": 0.7, "freeze_unet_before_completion_f": 0.0,
+    "token_attention_loss_w": 3e-7, "cond_reg_w": 0.0, "tok_cond_reg_w": 0.0, "tok_cov_reg_w": 0.0,
+    "l1_penalty": 0.03, "noise_offset": 0.02, "snr_gamma": 5.0, "lora_alpha_multiplier": 1.0, "lora_rank": 16,
+    "use_dora": False, "left_right_flip_augmentation": True, "augment_imgs_up_to_n": 40, "mask_target_prompts": None,
+    "crop_based_on_salience": True, "use_face_detection_instead": False, "clipseg_temperature": 0.5,
+    "n_sample_imgs": 4, "name": None, "output_dir": "eden_lora_training_runs", "debug": False, "allow_tf32": True,
+    "disable_ti": False, "skip_gpt_cleanup": False, "weight_type": "bf16", "n_tokens": 3,
+    "inserting_list_tokens": ["<s0>", "<s1>", "<s2>"], "token_dict": {"TOK": "<s0><s1><s2>"},
+    "sample_imgs_lora_scale": None, "dataloader_num_workers": 0, "training_attributes": {},
+    "aspect_ratio_bucketing": False, "start_time": 0.0, "job_time": 0.0, "text_encoder_lora_optimizer": None,
+    "text_encoder_lora_lr": 1.0e-5, "txt_encoders_lr_warmup_steps": 200, "text_encoder_lora_weight_decay": 1.0e-5,
+    "text_encoder_lora_rank": 16,
+}
+# The one deliberate difference: the fork defaulted to "xpu:0", which fails on every other machine.
+DEVICE_DEFAULT = "auto"
+
+MINIMAL = {"lora_training_urls": "images.zip", "concept_mode": "face"}
+
+
+def test_every_eden_parameter_exists_with_its_default_and_a_docstring():
+    config = TrainingConfig.model_validate(MINIMAL)
+    for name, default in EDEN_DEFAULTS.items():
+        assert name in TrainingConfig.model_fields, name
+        assert TrainingConfig.model_fields[name].description, f"{name} has no docstring"
+        if default != "required":
+            assert getattr(config, name) == default, name
+        else:
+            assert TrainingConfig.model_fields[name].is_required(), name
+    assert config.device == DEVICE_DEFAULT
+
+
+def test_every_field_has_a_docstring_and_is_in_the_generated_table():
+    table = parameter_table()
+    for name, field in TrainingConfig.model_fields.items():
+        assert field.description and len(field.description) > 10, name
+        assert f"| `{name}` |" in table
+
+
+def test_eden_types_are_kept():
+    hints = typing.get_type_hints(TrainingConfig)
+    assert typing.get_args(hints["concept_mode"]) == ("face", "style", "object")
+    assert set(typing.get_args(hints["caption_model"])) == {"gpt4-v", "blip", "florence", "no_caption"}
+    assert set(typing.get_args(hints["unet_optimizer_type"])) == {"adamw", "prodigy", "AdamW8bit"}
+    assert set(typing.get_args(hints["weight_type"])) == {"fp16", "bf16", "fp32"}
+
+
+def test_eden_training_args_json_loads_unchanged(tmp_path):
+    """A file as the Eden trainer writes it: every field, derived epochs, runtime-filled dicts."""
+    eden = {name: (value if value != "required" else None) for name, value in EDEN_DEFAULTS.items()}
+    eden.update({
+        "lora_training_urls": "https://storage.example.com/xander.zip",
+        "concept_mode": "face",
+        "sd_model_version": "sdxl",
+        "pretrained_model": {"path": "./models/juggernaut.safetensors", "url": "https://example.com/j.safetensors",
+                             "version": "sdxl"},
+        "seed": 42,
+        "num_train_epochs": 38,
+        "device": "xpu:0",
+        "name": "xander",
+        "output_dir": "eden_lora_training_runs/xander_1700000000",
+        "training_attributes": {"gpt_description": "a man", "trigger_text": "TOK"},
+        "start_time": 1700000000.5,
+        "job_time": 812.25,
+    })
+    path = tmp_path / "training_args.json"
+    path.write_text(json.dumps(eden))
+    config = load_config(path)
+    assert config.max_train_steps == 300 and config.num_train_epochs == 38
+    assert config.device == "xpu:0"
+    assert config.training_attributes["trigger_text"] == "TOK"
+    # Our resolved file loads again unchanged too.
+    assert load_config(config.to_json_dict()) == config
+
+
+def test_tokens_derive_from_n_tokens_and_agree():
+    config = load_config({**MINIMAL, "n_tokens": 2})
+    assert config.inserting_list_tokens == ["<s0>", "<s1>"]
+    assert config.token_dict == {"TOK": "<s0><s1>"}
+    config = load_config({**MINIMAL, "inserting_list_tokens": ["<a>", "<b>", "<c>", "<d>"]})
+    assert config.n_tokens == 4 and config.token_dict == {"TOK": "<a><b><c><d>"}
+
+
+def test_unknown_keys_get_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown key 'unet_lrr' \(did you mean 'unet_lr'\?\)"):
+        load_config({**MINIMAL, "unet_lrr": 1e-4})
+    with pytest.raises(ConfigError, match=r"'min_snr_gamma' \(did you mean 'snr_gamma'\?\)"):
+        load_config({**MINIMAL, "min_snr_gamma": 5})
+    with pytest.raises(ConfigError, match=r"unknown key 'zzzz'$"):
+        load_config({**MINIMAL, "zzzz": 1})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_tokens": 2, "inserting_list_tokens": ["<a>"]},
+         r"n_tokens \(2\) must equal the length of inserting_list_tokens \(1"),
+        ({"token_dict": {"TOK": "<x>"}},
+         r"token_dict\['TOK'\] must be the new tokens joined \('<s0><s1><s2>'\).*got '<x>'"),
+        ({"inserting_list_tokens": ["<a>", "<a>"]}, r"inserting_list_tokens must be distinct"),
+        ({"n_tokens": 0}, r"n_tokens must be >= 1 \(or set disable_ti: true\), got 0"),
+        ({"caption_dropout": 1.5}, r"caption_dropout is a fraction and must be in \[0, 1\], got 1.5"),
+        ({"freeze_ti_after_completion_f": -0.1}, r"freeze_ti_after_completion_f is a fraction .* got -0.1"),
+        ({"freeze_unet_before_completion_f": 2}, r"freeze_unet_before_completion_f is a fraction .* got 2"),
+        ({"max_train_steps": None}, r"set max_train_steps or num_train_epochs: both are null"),
+        ({"max_train_steps": 0}, r"max_train_steps must be >= 1, got 0"),
+        ({"num_train_epochs": 0}, r"num_train_epochs must be >= 1, got 0"),
+        ({"resolution": 500}, r"resolution must be a multiple of 64 .* got 500"),
+        ({"train_img_size": [512, 500]}, r"train_img_size must be \[width, height\].*got \[512, 500\]"),
+        ({"validation_img_size": [512]}, r"validation_img_size as a list must be \[width, height\]"),
+        ({"train_aspect_ratio": 9.0}, r"train_aspect_ratio .* must be in \[0.25, 4\], got 9.0"),
+        ({"train_batch_size": 0}, r"train_batch_size must be >= 1, got 0"),
+        ({"unet_lr": -1}, r"unet_lr must be >= 0, got -1"),
+        ({"lora_alpha_multiplier": 0}, r"lora_alpha_multiplier must be > 0, got 0"),
+        ({"unet_prodigy_growth_factor": 0.5}, r"unet_prodigy_growth_factor must be >= 1"),
+        ({"max_grad_norm": 0}, r"max_grad_norm must be > 0"),
+        ({"max_checkpoints": 0}, r"max_checkpoints must be >= 1"),
+        ({"initializer_token": "dog", "initial_phrase": "a dog"},
+         r"set at most one of initializer_token, initial_phrase"),
+        ({"initializer_token": "big dog"}, r"initializer_token must be a single word, got 'big dog'"),
+        ({"validation_prompts": ["a", "b"], "negative_validation_prompts": ["x"]},
+         r"one entry per validation prompt: 1 negative vs 2"),
+        ({"disable_ti": True, "freeze_unet_before_completion_f": 1.0}, r"nothing would train"),
+        ({"use_dora": True, "is_lora": False}, r"use_dora needs is_lora: true"),
+        ({"device": "cuda:x"}, r"device must be one of 'auto', 'cpu'"),
+        ({"device": "tpu"}, r"device must be one of"),
+        ({"concept_mode": "faces"}, r"concept_mode: Input should be 'face', 'style' or 'object' \(got 'faces'\)"),
+        ({"lora_training_urls": "  "}, r"lora_training_urls is empty"),
+        ({"snr_gamma": -1}, r"snr_gamma must be >= 0"),
+    ],
+)
+def test_cross_field_rules_name_fields_and_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config({**MINIMAL, **overrides})
+
+
+def test_errors_are_value_errors_and_collected():
+    with pytest.raises(ValueError) as caught:
+        load_config({**MINIMAL, "caption_dropout": 3, "train_batch_size": 0})
+    assert "caption_dropout" in str(caught.value) and "train_batch_size" in str(caught.value)
+
+
+def test_parse_overrides_reads_json_values():
+    assert parse_overrides(["max_train_steps=50", "name=my run", "validation_img_size=[640,480]", "seed=null",
+                            "is_lora=false", "ckpt_path=tiny-sdxl"]) == {
+        "max_train_steps": 50, "name": "my run", "validation_img_size": [640, 480], "seed": None, "is_lora": False,
+        "ckpt_path": "tiny-sdxl",
+    }
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        parse_overrides(["max_train_steps"])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_config(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load_config(bad)

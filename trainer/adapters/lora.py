@@ -1,0 +1,74 @@
+"""LoRA adapters on the UNet and the text encoders, through peft.
+
+Frozen base weights stay in the working dtype; the adapter weights are fp32 (peft casts activations to them), so
+small updates are not lost to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ADAPTER_NAME = "default"
+#: The attention projections, as in the Eden, cog-sdxl and diffusers pivotal-tuning trainers.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...], use_dora: bool = False):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        use_dora=use_dora,
+    )
+
+
+def _upcast_trainable(module: nn.Module) -> list[nn.Parameter]:
+    params = []
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.float32)
+            params.append(parameter)
+    return params
+
+
+def add_unet_lora(unet, rank: int, alpha: float, use_dora: bool = False) -> list[nn.Parameter]:
+    """Inject LoRA into the UNet's attention projections; returns the new (fp32, trainable) parameters."""
+    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS, use_dora), adapter_name=ADAPTER_NAME)
+    return _upcast_trainable(unet)
+
+
+def add_text_encoder_lora(text_encoder, rank: int, alpha: float) -> list[nn.Parameter]:
+    text_encoder.add_adapter(lora_config(rank, alpha, TEXT_ENCODER_TARGETS), adapter_name=ADAPTER_NAME)
+    return [p for name, p in _named_trainable(text_encoder) if "lora_" in name]
+
+
+def _named_trainable(module: nn.Module):
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.float32)
+            yield name, parameter
+
+
+def lora_state_dict(module) -> dict[str, torch.Tensor]:
+    """peft's state dict of the adapter (module paths with ``lora_A``/``lora_B``/``lora_magnitude_vector``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+
+
+def load_lora_state_dict(module, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"the checkpoint's LoRA does not fit this model ({len(unexpected)} unexpected keys, "
+                         f"e.g. {unexpected[0]}): lora_rank, use_dora or the base model differ")
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in module.named_parameters() if "lora_" in name]

@@ -1,0 +1,130 @@
+"""Reading configurations from JSON files, dicts and ``--set key=value`` overrides, with errors a user can act on."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainer.config.schema import TrainingConfig
+
+#: Names used by neighbouring tools (invoke-training, diffusers' scripts, kohya) mapped to ours, so that an unknown
+#: key from those tools gets a precise suggestion.
+SYNONYMS: dict[str, str] = {
+    "max_train_epochs": "num_train_epochs",
+    "min_snr_gamma": "snr_gamma",
+    "num_vectors": "n_tokens",
+    "num_new_tokens_per_abstraction": "n_tokens",
+    "placeholder_token": "token_dict",
+    "token_abstraction": "token_dict",
+    "base_output_dir": "output_dir",
+    "model": "ckpt_path",
+    "pretrained_model_name_or_path": "ckpt_path",
+    "save_every_n_steps": "checkpointing_steps",
+    "checkpoints_total_limit": "max_checkpoints",
+    "learning_rate": "unet_lr",
+    "text_encoder_lr": "text_encoder_lora_lr",
+    "optimizer": "unet_optimizer_type",
+    "rank": "lora_rank",
+    "network_dim": "lora_rank",
+    "weight_dtype": "weight_type",
+    "mixed_precision": "weight_type",
+    "cache_latents": "cache_vae_outputs",
+    "resume_from_checkpoint": "resume_from",
+    "train_text_encoder_ti_frac": "freeze_ti_after_completion_f",
+    "num_validation_images_per_prompt": "n_sample_imgs",
+    "validate_every_n_steps": "checkpointing_steps",
+    "instance_data_dir": "lora_training_urls",
+    "input_images": "lora_training_urls",
+    "token_string": "token_dict",
+    "lr_warmup_steps": "unet_lr_warmup_steps",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the fields, the rule and the values."""
+
+
+def suggest(key: str, choices: Iterable[str]) -> str | None:
+    if key in SYNONYMS:
+        return SYNONYMS[key]
+    matches = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _check_unknown_keys(data: Mapping[str, Any]) -> None:
+    known = TrainingConfig.model_fields
+    problems = []
+    for key in data:
+        if key in known:
+            continue
+        hint = suggest(key, known)
+        problems.append(f"unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+    if problems:
+        raise ConfigError("Invalid training config: " + "; ".join(problems))
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if loc:
+            lines.append(f"{loc}: {message} (got {item.get('input')!r})")
+        else:
+            lines.append(message)
+    return "Invalid training config: " + "; ".join(lines)
+
+
+def load_config(source: Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None) -> TrainingConfig:
+    """Build a validated config from a dict or a JSON file, with optional overrides applied on top."""
+    data = read_json(Path(source)) if isinstance(source, (str, Path)) else dict(source)
+    if overrides:
+        data.update(overrides)
+    _check_unknown_keys(data)
+    try:
+        return TrainingConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` pairs. Values are JSON where they parse as JSON (numbers, true, null, lists), else text."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        result[key] = value
+    return result
+
+
+def save_config(config: TrainingConfig, path: Path) -> None:
+    from trainer.utils.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,199 @@
+"""Export of a training state into a folder of standard files, and the delivered zip.
+
+The zip holds, at its top level:
+
+| file | what |
+|---|---|
+| ``<name>_lora.safetensors`` | UNet (and text-encoder) LoRA in kohya form, true alpha, kohya/A1111 metadata |
+| ``<name>_embeddings.safetensors`` | the new tokens' vectors: ``clip_l`` (and ``clip_g`` for SDXL) |
+| ``special_params.json`` | maps the trigger (``TOK``) to the token string (``<s0><s1><s2>``) |
+| ``training_args.json`` | the resolved configuration (base model, seed, everything) |
+| ``README.md`` | how to use the files in ComfyUI, A1111/Forge, diffusers and our predictor |
+| ``unet/`` | full UNet weights instead of a LoRA when ``is_lora`` is false |
+| ``samples/`` | sample images and their grid |
+| ``loss.csv``, ``loss.png`` | the loss log and plot |
+| ``evaluation/`` | checkpoint scores, when ``evaluate_checkpoints`` is on |
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.adapters.lora import lora_state_dict
+from trainer.device import EXAMPLE_ACCELERATOR as ACCELERATOR
+from trainer.export import files
+from trainer.export.kohya import TE_PREFIXES, UNET_PREFIX, peft_to_kohya
+from trainer.utils.atomic import atomic_path, atomic_write_text
+
+
+@dataclass
+class ExportSpec:
+    name: str
+    version: str
+    """sdxl or sd15"""
+    rank: int
+    alpha: float
+    te_rank: int
+    te_alpha: float
+    resolution: tuple[int, int]
+    n_images: int
+    captions: list[str]
+    base_model: str
+    token_dict: dict[str, str]
+    tokens: list[str]
+    training_args: dict
+    save_dtype: torch.dtype = torch.float16
+
+
+def collect_lora(unet, text_encoders: list, spec: ExportSpec, *, unet_lora: bool, te_lora: bool) -> dict:
+    state: dict[str, torch.Tensor] = {}
+    if unet_lora:
+        layers = unet.config.layers_per_block if spec.version == "sdxl" else None
+        if isinstance(layers, (list, tuple)):
+            raise ValueError("SGM names need the same layers_per_block in every block")
+        state.update(peft_to_kohya(lora_state_dict(unet), UNET_PREFIX, spec.alpha, sgm_layers_per_block=layers,
+                                   dtype=spec.save_dtype))
+    if te_lora:
+        for prefix, encoder in zip(TE_PREFIXES[spec.version], text_encoders, strict=False):
+            state.update(peft_to_kohya(lora_state_dict(encoder), prefix, spec.te_alpha, dtype=spec.save_dtype,
+                                       text_encoder=True))
+    return state
+
+
+def write_export(folder: Path, spec: ExportSpec, *, unet, text_encoders: list, token_rows: dict | None,
+                 unet_lora: bool, te_lora: bool, full_unet: bool) -> dict[str, Path]:
+    """Write the standard files of one trained state into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if unet_lora or te_lora:
+        state = collect_lora(unet, text_encoders, spec, unet_lora=unet_lora, te_lora=te_lora)
+        metadata = files.lora_metadata(
+            name=spec.name, version=spec.version, rank=spec.rank, alpha=spec.alpha, resolution=spec.resolution,
+            n_images=spec.n_images, captions=spec.captions, state=state, base_model=spec.base_model,
+            trigger_tokens="".join(spec.tokens),
+        )
+        written["lora"] = files.write_lora(folder, spec.name, state, metadata)
+    if full_unet:
+        unet_dir = folder / files.FULL_UNET_DIR
+        unet.save_pretrained(unet_dir, safe_serialization=True)
+        written["unet"] = unet_dir
+    if token_rows:
+        metadata = files.embeddings_metadata(name=spec.name, version=spec.version, tokens=spec.tokens)
+        written["embeddings"] = files.write_embeddings(folder, spec.name, token_rows, metadata)
+    written["special_params"] = files.write_special_params(folder, spec.token_dict)
+    path = folder / files.TRAINING_ARGS
+    atomic_write_text(path, json.dumps(spec.training_args, indent=2) + "\n")
+    written["training_args"] = path
+    return written
+
+
+def usage_readme(spec: ExportSpec, has_lora: bool, has_embeddings: bool, full_unet: bool) -> str:
+    name = spec.name
+    trigger = next(iter(spec.token_dict), "TOK")
+    tokens = spec.token_dict.get(trigger, "")
+    emb = f"{name}_embeddings"
+    lines = [
+        f"# {name}",
+        "",
+        f"A {'SDXL' if spec.version == 'sdxl' else 'Stable Diffusion 1.5'} concept trained with pivotal tuning "
+        f"(base model: `{spec.base_model}`).",
+        "",
+        "## Files",
+        "",
+        "| file | what |",
+        "|---|---|",
+    ]
+    if has_lora:
+        lines.append(f"| `{name}_lora.safetensors` | the LoRA (kohya format) |")
+    if full_unet:
+        lines.append("| `unet/` | the fine-tuned UNet (diffusers format) |")
+    if has_embeddings:
+        lines.append(f"| `{emb}.safetensors` | the trained token vectors (`clip_l`"
+                     + (", `clip_g`" if spec.version == "sdxl" else "") + ") |")
+    lines += [
+        f"| `special_params.json` | `{trigger}` → `{tokens}` |",
+        "| `training_args.json` | every training setting |",
+        "",
+        "## What to write instead of TOK",
+        "",
+    ]
+    if has_embeddings:
+        lines += [
+            f"Training captions used `{trigger}` for the new concept. Where you load the files, write:",
+            "",
+            f"- **ComfyUI**: copy `{emb}.safetensors` to `models/embeddings` and the LoRA to `models/loras`; load "
+            f"the LoRA with a *LoraLoader* node and write `embedding:{emb}` where the prompt had `{trigger}`.",
+            f"- **A1111 / Forge**: copy `{emb}.safetensors` to `embeddings/` and the LoRA to `models/Lora`; write "
+            f"`{emb}` where the prompt had `{trigger}` and add `<lora:{name}_lora:1>`.",
+            f"- **diffusers**: load the tokens as `{tokens}` (see below) and write `{tokens}` in the prompt.",
+            f"- **our predictor**: write `{trigger}`; it is replaced for you.",
+        ]
+    else:
+        lines += [f"No new tokens were trained: write `{trigger}` as a plain word in the prompt."]
+    lines += ["", "## diffusers", "", "```python", "import torch", "from safetensors.torch import load_file"]
+    if spec.version == "sdxl":
+        lines += [
+            "from diffusers import StableDiffusionXLPipeline",
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{spec.base_model}", torch_dtype=torch.float16)',
+            f'pipe = pipe.to("{ACCELERATOR}")',
+        ]
+    else:
+        lines += [
+            "from diffusers import StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{spec.base_model}", torch_dtype=torch.float16)',
+            f'pipe = pipe.to("{ACCELERATOR}")',
+        ]
+    if has_lora:
+        lines.append(f'pipe.load_lora_weights(".", weight_name="{name}_lora.safetensors")')
+    if has_embeddings:
+        token_list = json.dumps(spec.tokens)
+        lines += [
+            f'emb = load_file("{emb}.safetensors")',
+            f'pipe.load_textual_inversion(emb["clip_l"], token={token_list}, text_encoder=pipe.text_encoder, '
+            "tokenizer=pipe.tokenizer)",
+        ]
+        if spec.version == "sdxl":
+            lines += [
+                f'pipe.load_textual_inversion(emb["clip_g"], token={token_list}, text_encoder=pipe.text_encoder_2, '
+                "tokenizer=pipe.tokenizer_2)",
+                "# Pool CLIP at the end-of-text token, as training (and ComfyUI/A1111) did; the checkpoint's legacy",
+                "# eos_token_id=2 would pool at the new tokens instead.",
+                "for enc in (pipe.text_encoder, pipe.text_encoder_2):",
+                "    enc.config.eos_token_id = enc.text_model.eos_token_id = 49407",
+            ]
+    lines += [
+        f'image = pipe("a photo of {tokens}", cross_attention_kwargs={{"scale": 1.0}}).images[0]',
+        "```",
+        "",
+        "## Our predictor",
+        "",
+        "Give this zip's URL as the predictor's weights (`COG_WEIGHTS`) or as `lora_url`, and write `TOK` in the "
+        "prompt. It reads `training_args.json` for the base model and `special_params.json` for the tokens.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_zip(zip_path: Path, checkpoint: Path, extras: dict[str, Path], readme: str) -> Path:
+    """Zip the final checkpoint's files plus extras (samples, loss log, evaluation) atomically."""
+    from trainer.checkpoint import STATE_FILE
+
+    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for entry in sorted(checkpoint.rglob("*")):
+            if entry.is_file() and entry.name != STATE_FILE:
+                archive.write(entry, entry.relative_to(checkpoint).as_posix())
+        for arcname, source in extras.items():
+            source = Path(source)
+            if source.is_dir():
+                for entry in sorted(source.rglob("*")):
+                    if entry.is_file():
+                        archive.write(entry, f"{arcname}/{entry.relative_to(source).as_posix()}")
+            elif source.is_file():
+                archive.write(source, arcname)
+        archive.writestr("README.md", readme)
+    return zip_path

@@ -1,0 +1,127 @@
+"""Writing the trained artefacts: the kohya LoRA, the embeddings, ``special_params.json`` and their metadata.
+
+These files are what every consumer reads (ComfyUI, A1111/Forge, diffusers, our predictor), so they are written
+the same way into every checkpoint folder and into the delivered zip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.export.kohya import check_kohya_state
+from trainer.utils.atomic import atomic_path, atomic_write_text
+
+LORA_SUFFIX = "_lora.safetensors"
+EMBEDDINGS_SUFFIX = "_embeddings.safetensors"
+SPECIAL_PARAMS = "special_params.json"
+TRAINING_ARGS = "training_args.json"
+FULL_UNET_DIR = "unet"
+
+BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
+ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1"}
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of the run name (A1111/ComfyUI use the embedding's file name as its trigger)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip())
+    return cleaned.strip("_") or "lora"
+
+
+def tensor_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in key order: stable across metadata changes (kohya's sshs_model_hash idea)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tag_frequency(captions: list[str]) -> dict[str, dict[str, int]]:
+    counts = Counter(tag.strip() for caption in captions for tag in caption.split(",") if tag.strip())
+    return {"img": dict(counts.most_common(200))}
+
+
+def lora_metadata(*, name: str, version: str, rank: int, alpha: float, resolution: tuple[int, int],
+                  n_images: int, captions: list[str], state: dict[str, torch.Tensor], base_model: str,
+                  trigger_tokens: str) -> dict[str, str]:
+    metadata = {
+        "ss_output_name": name,
+        "ss_base_model_version": BASE_MODEL_VERSION[version],
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_resolution": f"({resolution[1]}, {resolution[0]})",
+        "ss_num_train_images": str(n_images),
+        "ss_tag_frequency": json.dumps(tag_frequency(captions)),
+        "ss_sd_model_name": base_model,
+        "ss_training_comment": f"pivotal tuning; trigger tokens {trigger_tokens}",
+        "sshs_model_hash": tensor_hash(state),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{ARCHITECTURE[version]}/lora",
+        "modelspec.implementation": "sd-lora-trainer",
+        "modelspec.title": name,
+        "modelspec.resolution": f"{resolution[1]}x{resolution[0]}",
+    }
+    return {k: str(v) for k, v in metadata.items()}
+
+
+def embeddings_metadata(*, name: str, version: str, tokens: list[str]) -> dict[str, str]:
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{ARCHITECTURE[version]}/textual-inversion",
+        "modelspec.implementation": "sd-lora-trainer",
+        "modelspec.title": name,
+        "tokens": json.dumps(tokens),
+    }
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+
+
+def write_lora(folder: Path, name: str, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    check_kohya_state(state)
+    path = folder / f"{name}{LORA_SUFFIX}"
+    write_safetensors(path, state, metadata)
+    return path
+
+
+def write_embeddings(folder: Path, name: str, rows: dict[str, torch.Tensor], metadata: dict[str, str],
+                     dtype: torch.dtype = torch.float32) -> Path:
+    path = folder / f"{name}{EMBEDDINGS_SUFFIX}"
+    write_safetensors(path, {k: v.to(dtype) for k, v in rows.items()}, metadata)
+    return path
+
+
+def write_special_params(folder: Path, token_dict: dict[str, str]) -> Path:
+    path = folder / SPECIAL_PARAMS
+    atomic_write_text(path, json.dumps(token_dict, indent=2) + "\n")
+    return path
+
+
+def find_artifacts(folder: Path) -> dict[str, Path | None]:
+    """Locate the files of an exported LoRA in a folder (checkpoint folder or unpacked zip)."""
+    folder = Path(folder)
+
+    def one(suffix: str) -> Path | None:
+        matches = sorted(folder.glob(f"*{suffix}"))
+        if len(matches) > 1:
+            raise ValueError(f"{folder} holds several *{suffix} files: {[m.name for m in matches]}")
+        return matches[0] if matches else None
+
+    unet_dir = folder / FULL_UNET_DIR
+    return {
+        "lora": one(LORA_SUFFIX),
+        "embeddings": one(EMBEDDINGS_SUFFIX),
+        "special_params": folder / SPECIAL_PARAMS if (folder / SPECIAL_PARAMS).is_file() else None,
+        "training_args": folder / TRAINING_ARGS if (folder / TRAINING_ARGS).is_file() else None,
+        "unet": unet_dir if (unet_dir / "config.json").is_file() else None,
+    }

@@ -1,0 +1,97 @@
+"""peft LoRA state dicts to and from the kohya form that A1111/Forge, ComfyUI, kohya and diffusers read.
+
+A module becomes ``<prefix>_<module path with dots as underscores>`` with ``lora_down.weight`` [r, in],
+``lora_up.weight`` [out, r] and a 0-dim ``alpha``; the applied delta is up @ down × alpha / r. SD1.5 UNet modules keep
+diffusers' block names (kohya's own SD1.5 convention); SDXL UNet modules use the SGM/LDM names
+(``input_blocks_4_1_...``) that most SDXL LoRAs in the wild use.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+UNET_PREFIX = "lora_unet"
+TE_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
+
+_DOWN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_MID = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
+
+
+def diffusers_to_sgm(module_path: str, layers_per_block: int) -> str:
+    """Map a diffusers UNet attention module path to its SGM name (the inverse of diffusers' own mapping)."""
+    if match := _DOWN.match(module_path):
+        block, index, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{block * (layers_per_block + 1) + index + 1}.1.{rest}"
+    if match := _UP.match(module_path):
+        block, index, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{block * (layers_per_block + 1) + index}.1.{rest}"
+    if match := _MID.match(module_path):
+        return f"middle_block.1.{match[1]}"
+    raise ValueError(f"cannot map UNet module {module_path!r} to SGM names (only attention blocks carry LoRA)")
+
+
+def _split_peft_key(key: str) -> tuple[str, str]:
+    """'a.b.to_q.lora_A.weight' -> ('a.b.to_q', 'lora_A')."""
+    for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        marker = f".{part}"
+        if marker in key:
+            return key[: key.index(marker)], part
+    raise ValueError(f"not a peft LoRA key: {key!r}")
+
+
+def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, *,
+                  sgm_layers_per_block: int | None = None, dtype: torch.dtype = torch.float16,
+                  text_encoder: bool = False) -> dict[str, torch.Tensor]:
+    """Convert a peft adapter state dict of one model to kohya keys under ``prefix`` with the true ``alpha``.
+
+    DoRA magnitudes (peft's per-output-row ``lora_magnitude_vector``) are written as ``dora_scale`` with shape
+    [out, 1]: diffusers maps it back to the magnitude, and readers that decompose along the output axis (ComfyUI
+    detects the axis from the shape) apply it as trained.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, part = _split_peft_key(key)
+        if text_encoder:
+            # transformers 5 dropped the ``text_model`` level from CLIPTextModel; kohya names keep it.
+            name = module if module.startswith("text_model.") else f"text_model.{module}"
+        elif sgm_layers_per_block is None:
+            name = module
+        else:
+            name = diffusers_to_sgm(module, sgm_layers_per_block)
+        base = f"{prefix}_{name.replace('.', '_')}"
+        value = value.detach().to(torch.float32)
+        if part == "lora_A":
+            out[f"{base}.lora_down.weight"] = value.to(dtype).contiguous()
+            out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        elif part == "lora_B":
+            out[f"{base}.lora_up.weight"] = value.to(dtype).contiguous()
+        else:
+            out[f"{base}.dora_scale"] = value.reshape(-1, 1).to(dtype).contiguous()
+    return out
+
+
+def kohya_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {k[: -len(".lora_down.weight")]: v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
+
+
+def check_kohya_state(state: dict[str, torch.Tensor]) -> None:
+    """Every module has down, up and alpha, shapes agree, and nothing else is in the file (diffusers' kohya loader
+    raises on unknown keys; ComfyUI skips them)."""
+    modules: dict[str, set[str]] = {}
+    for key in state:
+        module, _, suffix = key.partition(".")
+        if not module.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+            raise ValueError(f"LoRA file holds a non-LoRA key {key!r}")
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale"):
+            raise ValueError(f"LoRA file holds an unexpected tensor {key!r}")
+        modules.setdefault(module, set()).add(suffix)
+    for module, parts in modules.items():
+        missing = {"lora_down.weight", "lora_up.weight", "alpha"} - parts
+        if missing:
+            raise ValueError(f"LoRA module {module} lacks {sorted(missing)}")
+        down, up = state[f"{module}.lora_down.weight"], state[f"{module}.lora_up.weight"]
+        if down.shape[0] != up.shape[1]:
+            raise ValueError(f"LoRA module {module}: rank of down {tuple(down.shape)} and up {tuple(up.shape)} differ")

@@ -1,0 +1,127 @@
+"""Optimisers and learning-rate schedules, one per parameter group.
+
+Groups with different learning rates get separate optimisers: Prodigy estimates one step size per optimiser and
+refuses mixed learning rates, and separate optimisers also let each group freeze on its own schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.device import DeviceInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    """unet, ti or te_lora"""
+    params: list[torch.nn.Parameter]
+    optimizer_type: str
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _adamw(params, lr: float, weight_decay: float, device: DeviceInfo, betas=(0.9, 0.999)):
+    # Fused AdamW runs one kernel for all tensors instead of several per tensor; it needs every parameter on the
+    # device in floating point, which holds for our fp32 trainable parameters.
+    kwargs = {"fused": True} if device.supports_fused_adamw else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
+
+
+def _prodigy(params, weight_decay: float, d_coef: float, growth_rate: float):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as error:
+        raise ValueError("the prodigy optimizer needs the prodigyopt package: pip install prodigyopt") from error
+    # Settings of the Eden trainer and the diffusers pivotal-tuning guide; Prodigy runs at lr 1.0 and the schedule
+    # multiplies its estimate.
+    return Prodigy(
+        params, lr=1.0, d_coef=d_coef, growth_rate=growth_rate, decouple=True, use_bias_correction=True,
+        safeguard_warmup=True, weight_decay=weight_decay, betas=(0.9, 0.99),
+    )
+
+
+def _adamw_8bit(params, lr: float, weight_decay: float, device: DeviceInfo):
+    if not device.supports_bitsandbytes:
+        raise ValueError(
+            f"unet_optimizer_type 'AdamW8bit' needs bitsandbytes on an NVIDIA CUDA device; this run is on "
+            f"{device.backend}. Use 'adamw' or 'prodigy'."
+        )
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ValueError(
+            "unet_optimizer_type 'AdamW8bit' needs the bitsandbytes package (requirements-cuda.txt)"
+        ) from error
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def build_optimizer(group: ParamGroup, device: DeviceInfo, *, d_coef: float, growth_rate: float):
+    kind = group.optimizer_type
+    if kind == "adamw":
+        return _adamw(group.params, group.lr, group.weight_decay, device)
+    if kind == "prodigy":
+        return _prodigy(group.params, group.weight_decay, d_coef, growth_rate)
+    if kind == "AdamW8bit":
+        return _adamw_8bit(group.params, group.lr, group.weight_decay, device)
+    raise ValueError(f"unknown optimizer {kind!r} for {group.name}")
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0):
+    """A step -> multiplier function: linear warm-up, then the named schedule over the remaining steps."""
+    warmup_steps = max(0, warmup_steps)
+    total_steps = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "cosine_with_restarts":
+            if progress >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
+        if schedule == "polynomial":
+            return max(0.0, (1.0 - progress) ** power)
+        raise ValueError(f"unknown lr_scheduler {schedule!r}")
+
+    return factor
+
+
+def build_groups(groups: list[ParamGroup], device: DeviceInfo, *, schedule: str, total_steps: int, d_coef: float,
+                 growth_rate: float) -> list[ParamGroup]:
+    for group in groups:
+        if not group.params:
+            raise ValueError(f"parameter group {group.name} is empty")
+        group.optimizer = build_optimizer(group, device, d_coef=d_coef, growth_rate=growth_rate)
+        group.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            group.optimizer, lr_lambda(schedule, group.warmup_steps, total_steps)
+        )
+        n = sum(p.numel() for p in group.params)
+        logger.info("%s: %s, lr %g, %d trainable values", group.name, group.optimizer_type, group.lr, n)
+    return groups
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimiser state (for tests and the benchmark)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
