@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import frozen_snapshot, make_concept_images, tiny_config
+from tests.helpers import frozen_snapshot, make_concept_images, prepared_dataset, tiny_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,7 +54,7 @@ def trained_sdxl(tmp_path_factory, model_cache):
     )
     from trainer import loop
 
-    session, _ = loop.setup(config)
+    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
     before = frozen_snapshot(session)
     initial_rows = session.tokens.rows()
     pivot_rows = {}
@@ -86,6 +86,6 @@ def trained_sd15(tmp_path_factory, model_cache):
     images = make_concept_images(root / "images", n=4)
     config = tiny_config(images, root / "runs", model="tiny-sd15", max_train_steps=10, unet_lr=2e-3, ti_lr=1e-2,
                          concept_mode="style")
-    session, _ = loop.setup(config)
+    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
     result = loop.run(session)
     return {"session": session, "result": result}

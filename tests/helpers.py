@@ -65,3 +65,57 @@ def frozen_snapshot(session) -> dict[str, torch.Tensor]:
                 continue
             snapshot[f"{prefix}.{name}"] = value.detach().clone()
     return snapshot
+
+
+@torch.no_grad()
+def denoising_eval(session, captions: list[str], timesteps=(150, 450, 750), seed: int = 0) -> float:
+    """Mean denoising loss over the training images at fixed noise and timesteps, with the given captions."""
+    from trainer.data.dataset import Batch
+
+    n = len(session.dataset)
+    batch = Batch(indices=list(range(n)), flips=[False] * n, target_size=session.dataset.target_sizes[0])
+    latents, _ = session.latents.get(batch)
+    unet = session.models.unet
+    was_training = unet.training
+    unet.eval()
+    prompt_embeds, pooled = session.text.encode_ids(session.text.token_ids(captions))
+    losses = []
+    for t in timesteps:
+        generator = torch.Generator().manual_seed(seed + t)
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = torch.full((n,), t, dtype=torch.long)
+        noisy = session.noise_scheduler.add_noise(latents, noise, steps)
+        kwargs = {}
+        if pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": session.time_ids[:n]}
+        pred = unet(noisy, steps, prompt_embeds, **kwargs).sample
+        losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    unet.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def prepared_dataset(images: Path, work_dir: Path, size: int = 64, trigger: str = "TOK", mask=None):
+    """A prepared dataset written directly through the manifest contract (no ingest pipeline involved).
+
+    ``mask``: an optional function (size) -> uint8 array [size, size] giving every image the same mask.
+    """
+    from trainer.data.manifest import PreparedDataset, Sample
+
+    root = work_dir / "dataset"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for index, path in enumerate(sorted(images.glob("*.png"))):
+        with Image.open(path) as image:
+            original = (image.height, image.width)
+            image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS).save(root / "images" / f"{index}.png")
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else trigger
+        mask_name = None
+        if mask is not None:
+            mask_name = f"images/{index}_mask.png"
+            Image.fromarray(mask(size)).save(root / mask_name)
+        samples.append(Sample(image=f"images/{index}.png", caption=caption, target_size=(size, size),
+                              original_size=original, mask=mask_name))
+    dataset = PreparedDataset(root=root, samples=samples, trigger=trigger)
+    dataset.save()
+    return dataset

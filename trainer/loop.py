@@ -222,7 +222,6 @@ class Session:
     time_ids: torch.Tensor | None
     token_string: str | None
     probe: TokenAttentionProbe | None
-    probe_layers: list[str]
     cov_stats: list[tuple[torch.Tensor, torch.Tensor]]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -293,6 +292,9 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
             raise ValueError(f"training size {size[1]}x{size[0]} is not a multiple of {multiple} for this model")
 
     _place_models(models, device, full_unet=not config.is_lora)
+    # Seed again right before anything random is initialised: model loading and dataset preparation may or may
+    # not draw random numbers (a fixture built on first use, a captioner), and the run must not depend on that.
+    _seed_everything(seed)
 
     # ---- new tokens
     tokens = None
@@ -376,7 +378,6 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     text = PromptEncoder(models.text_encoders, models.tokenizers, models.is_sdxl, device.device)
 
     probe = None
-    layers: list[str] = []
     if config.token_attention_loss_w > 0 and tokens is not None:
         probe = TokenAttentionProbe()
         layers = probe_layer_names(models.unet)
@@ -393,7 +394,7 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
         total_steps=total_steps, schedule=schedule, groups=groups, tokens=tokens,
         unet_lora_params=unet_lora_params, te_lora=te_lora, text=text, latents=latents, plan=plan,
         noise_scheduler=noise_scheduler, prediction_type=prediction_type, captions=captions, time_ids=time_ids,
-        token_string=token_string, probe=probe, probe_layers=layers, cov_stats=cov_stats, timings=timings,
+        token_string=token_string, probe=probe, cov_stats=cov_stats, timings=timings,
     )
     save_config(config, run_dir / "training_args.json")
     return session, state
@@ -586,16 +587,6 @@ def render_samples(session: Session, folder: Path, step: int) -> Path | None:
         prompts = [(f"{p}, {config.prompt_modifier}", n) for p, n in prompts]
     was_training = models.unet.training
     models.unet.eval()
-    probe_processors = None
-    if session.probe is not None:
-        # Sampling runs plain attention; the probe's processors would record maps nobody reads.
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        probe_processors = dict(models.unet.attn_processors)
-        models.unet.set_attn_processor({
-            name: AttnProcessor2_0() if name in session.probe_layers else processor
-            for name, processor in probe_processors.items()
-        })
     try:
         pipeline = models.pipeline()
         pipeline.set_progress_bar_config(disable=True)
@@ -609,8 +600,6 @@ def render_samples(session: Session, folder: Path, step: int) -> Path | None:
                 seed=session.seed, device=session.device.device, lora_active=config.is_lora,
             )
     finally:
-        if probe_processors is not None:
-            models.unet.set_attn_processor(probe_processors)
         models.unet.train(was_training)
     return sampling.save_samples(images, prompts, folder / "samples", f"step-{step:06d}")
 
@@ -694,6 +683,8 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
                 micro_step = step * accum + micro
                 loss = compute_loss(session, session.plan.batch(micro_step), micro_step, phase)
                 (loss / accum).backward()
+                if session.probe is not None:
+                    session.probe.disarm()
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             optimizer_step(session, phase)
             log.add(step, step_loss / accum)

@@ -101,6 +101,7 @@ class TokenAttentionProbe:
         self.maps: list[torch.Tensor] = []
 
     def reset(self, token_mask: torch.Tensor) -> None:
+        """Arm the probe for one forward pass."""
         self.token_mask = token_mask
         self.maps = []
 
@@ -122,6 +123,12 @@ class TokenAttentionProbe:
         self.maps = []
         return torch.stack(values).mean()
 
+    def disarm(self) -> None:
+        """Stop recording, after the backward pass: gradient checkpointing re-runs the forward during backward,
+        and that recomputation must take the same path as the original forward."""
+        self.token_mask = None
+        self.maps = []
+
 
 def _layer_grid(n_queries: int, latent_h: int, latent_w: int) -> tuple[int, int]:
     factor = math.sqrt(latent_h * latent_w / n_queries)
@@ -133,7 +140,7 @@ class _ProbeProcessor:
         self.probe = probe
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is None or self.probe.token_mask is None:
+        if encoder_hidden_states is None:
             raise RuntimeError("the token attention probe is only installed on cross-attention layers")
         batch = hidden_states.shape[0]
         if attn.norm_cross:
@@ -147,10 +154,11 @@ class _ProbeProcessor:
         key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
 
-        scores = (query @ key.transpose(-1, -2)) * attn.scale
-        probs = scores.float().softmax(dim=-1)  # [B, H, Q, K]
-        token_mask = self.probe.token_mask.to(probs.dtype)[:, None, None, :]
-        self.probe.maps.append((probs * token_mask).sum(dim=-1).mean(dim=1))  # [B, Q]
+        if self.probe.token_mask is not None:  # armed for this training step; otherwise plain attention
+            scores = (query @ key.transpose(-1, -2)) * attn.scale
+            probs = scores.float().softmax(dim=-1)  # [B, H, Q, K]
+            token_mask = self.probe.token_mask.to(probs.dtype)[:, None, None, :]
+            self.probe.maps.append((probs * token_mask).sum(dim=-1).mean(dim=1))  # [B, Q]
 
         out = F.scaled_dot_product_attention(query, key, value)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)

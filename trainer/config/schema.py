@@ -55,6 +55,18 @@ class TrainingConfig(BaseModel):
     caption_dropout: float = 0.1
     """Fraction of training samples whose caption is replaced by the empty prompt (robustness, CFG)."""
 
+    caption_model_path: Optional[str] = None
+    """The captioning model: a hub id or local folder for `blip` (default `Salesforce/blip-image-captioning-large`)
+    and `florence` (default `florence-community/Florence-2-large`), or the OpenAI model name for `gpt4-v` (default
+    `gpt-4o`; the key comes from `OPENAI_API_KEY`, another endpoint from `OPENAI_BASE_URL`)."""
+
+    max_train_images: int = 1000
+    """Most distinct training images accepted (after removing duplicates, before augmentation); more is an error."""
+
+    s3_endpoint_url: Optional[str] = None
+    """Endpoint of an S3-compatible store (MinIO, R2, ...) for `s3://` sources. Default: `AWS_ENDPOINT_URL_S3` or
+    `AWS_ENDPOINT_URL`, else AWS itself. Credentials come from the standard AWS chain (environment, profile, role)."""
+
     # ---------------------------------------------------------------------------------------------------- model
     sd_model_version: Optional[Literal["sdxl", "sd15"]] = None
     """Base model family. `None` detects it from the model files (and means `sdxl` when no model is named). A
@@ -285,6 +297,9 @@ class TrainingConfig(BaseModel):
     clipseg_temperature: float = 0.5
     """Softness of the CLIPSeg masks: higher gives softer masks."""
 
+    clipseg_model_path: Optional[str] = None
+    """The CLIPSeg model for `mask_target_prompts`: a hub id or local folder. Default `CIDAS/clipseg-rd64-refined`."""
+
     # ---------------------------------------------------------------------------------------------- samples
     n_sample_imgs: int = 4
     """Sample images generated with the trained tokens at each checkpoint and at the end (0 disables)."""
@@ -370,6 +385,23 @@ class TrainingConfig(BaseModel):
         if empty:
             raise ValueError("lora_training_urls is empty: give at least one URL, S3 object or local path")
         return value
+
+    @field_validator("max_train_images")
+    @classmethod
+    def _max_images_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"max_train_images must be >= 1, got {value}")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        scheme, _, rest = value.strip().partition("://")
+        if scheme.lower() not in ("http", "https") or not rest.split("/")[0].strip():
+            raise ValueError(f"s3_endpoint_url must be an http(s):// URL such as http://127.0.0.1:9000, got {value!r}")
+        return value.strip()
 
     @field_validator("device")
     @classmethod

@@ -234,6 +234,7 @@ def load_models(source: ModelSource, *, dtype: torch.dtype = torch.float32, cach
                 variant: str | None = None, single_file_config: str | None = None) -> SDModels:
     """Load the pipeline components on the CPU in ``dtype`` (frozen weights' working dtype)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     cache_dir = cache_dir or model_cache_dir()
     start = time.perf_counter()
@@ -275,6 +276,12 @@ def load_models(source: ModelSource, *, dtype: torch.dtype = torch.float32, cach
                 f"{config!r}, which is not available ({error}). Set single_file_config to a local diffusers folder "
                 "of the same architecture."
             ) from None
+        except (NotImplementedError, SingleFileComponentError) as error:
+            # diffusers builds each module on the meta device and fills it from the file: weights the file lacks
+            # surface as a failed copy out of a meta tensor, or as its own component error.
+            if isinstance(error, NotImplementedError) and "meta tensor" not in str(error):
+                raise
+            raise _incomplete_checkpoint(path.name, config, str(error).splitlines()[0]) from None
         _check_no_meta_weights(pipe, path.name, config)
 
     models = _from_pipeline(pipe, version, source)
@@ -320,11 +327,17 @@ def _sdxl_text_encoder_2(path: Path, config: str, dtype: torch.dtype):
     return encoder.to(dtype)
 
 
+def _incomplete_checkpoint(name: str, config: str, detail: str) -> ValueError:
+    return ValueError(
+        f"the single-file checkpoint {name} is incomplete or does not match the architecture of {config!r}: {detail}"
+    )
+
+
 def _check_no_meta_weights(pipe, name: str, config: str) -> None:
     """Refuse a pipeline with weights the checkpoint did not fill.
 
-    diffusers' single-file loading builds modules on the meta device and silently leaves parameters it found no
-    weights for there; they would only fail later, at the first forward pass, with an unrelated-looking error.
+    For text encoders diffusers leaves parameters it found no weights for on the meta device without a word; they
+    would only fail later, at the first forward pass, with an unrelated-looking error.
     """
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, component, None)
@@ -332,10 +345,8 @@ def _check_no_meta_weights(pipe, name: str, config: str) -> None:
             continue
         missing = [n for n, p in module.named_parameters() if p.is_meta]
         if missing:
-            raise ValueError(
-                f"the single-file checkpoint {name} has no weights for {len(missing)} {component} parameters (e.g. "
-                f"{missing[0]}): it does not match the architecture of {config!r}, or is incomplete"
-            )
+            detail = f"no weights for {len(missing)} {component} parameters (e.g. {missing[0]})"
+            raise _incomplete_checkpoint(name, config, detail)
 
 
 def _hub_version(hub_id: str, cache_dir: Path) -> Version:

@@ -156,7 +156,8 @@ def tiny_model_dir(name: str, cache_dir: Path) -> Path:
         return folder
     logger.info("building the %s test fixture in %s", name, folder)
     builder = build_tiny_sd15 if TINY_NAMES[name] == "sd15" else build_tiny_sdxl
-    with atomic_dir(folder, replace=False) as tmp:
+    # fork_rng: building must not change the caller's random state (runs would differ on a fresh cache).
+    with torch.random.fork_rng(devices=[]), atomic_dir(folder, replace=False) as tmp:
         builder(tmp)
         for scratch in tmp.glob("_tokenizer*_src"):
             shutil.rmtree(scratch)

@@ -1,0 +1,156 @@
+"""Loss terms: properties of each, and the attention probe on a real (tiny) UNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.loss import (
+    TokenAttentionProbe,
+    conditioning_loss,
+    denoising_loss,
+    lora_l1,
+    min_snr_weights,
+    offset_noise,
+    probe_layer_names,
+    snr,
+    target_for,
+    token_covariance_loss,
+)
+
+
+def test_min_snr_weights_cap_easy_timesteps():
+    values = torch.tensor([0.5, 5.0, 50.0])
+    eps = min_snr_weights(values, 5.0, "epsilon")
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 0.1]))
+    v = min_snr_weights(values, 5.0, "v_prediction")
+    assert torch.allclose(v, torch.tensor([0.5 / 1.5, 5.0 / 6.0, 5.0 / 51.0]))
+
+
+def test_snr_falls_with_the_timestep():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    values = snr(scheduler.alphas_cumprod, torch.tensor([0, 500, 999]))
+    assert values[0] > values[1] > values[2] > 0
+
+
+def test_v_prediction_target_differs_from_noise():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    steps = torch.tensor([10, 900])
+    assert torch.equal(target_for("epsilon", latents, noise, steps, scheduler), noise)
+    velocity = target_for("v_prediction", latents, noise, steps, scheduler)
+    assert not torch.allclose(velocity, noise)
+    with pytest.raises(ValueError, match="prediction_type must be"):
+        target_for("sample", latents, noise, steps, scheduler)
+
+
+def test_mask_weights_pixels_and_keeps_scale():
+    pred, target = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
+    target[..., :2] = 3.0  # error 9 on the left half, 1 on the right
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 2:] = 1.0
+    assert denoising_loss(pred, target, mask=mask).item() == pytest.approx(1.0)
+    assert denoising_loss(pred, target).item() == pytest.approx(5.0)
+    # A full mask equals no mask; per-sample weights scale samples.
+    assert denoising_loss(pred, target, mask=torch.ones(1, 1, 4, 4)).item() == pytest.approx(5.0)
+    assert denoising_loss(pred, target, weights=torch.tensor([0.5])).item() == pytest.approx(2.5)
+
+
+def test_offset_noise_is_a_per_channel_constant():
+    noise = torch.zeros(2, 4, 8, 8)
+    shifted = offset_noise(noise, 0.1, torch.Generator().manual_seed(0))
+    assert torch.allclose(shifted, shifted[..., :1, :1].expand_as(shifted))
+    assert shifted.abs().sum() > 0
+    assert offset_noise(noise, 0.0, None) is noise
+
+
+def test_l1_is_the_mean_absolute_weight():
+    params = [torch.full((2, 3), -2.0), torch.full((4,), 1.0)]
+    assert lora_l1(params).item() == pytest.approx((12 + 4) / 10)
+
+
+def test_covariance_loss_is_small_inside_the_distribution_and_large_outside():
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(5000, 8, generator=generator) * torch.linspace(0.5, 2.0, 8)
+    mean = table.mean(0)
+    inverse = torch.linalg.inv(torch.cov(table.T))
+    typical = token_covariance_loss(table[:10], mean, inverse)
+    outlier = token_covariance_loss(torch.full((2, 8), 10.0), mean, inverse)
+    assert typical.item() == pytest.approx(1.0, rel=0.5)
+    assert outlier > 20 * typical
+
+
+def test_conditioning_loss_can_focus_on_new_token_positions():
+    embeds = torch.ones(1, 4, 2)
+    embeds[0, 1] = 3.0
+    mask = torch.tensor([[False, True, False, False]])
+    assert conditioning_loss(embeds).item() == pytest.approx((1 + 9 + 1 + 1) / 4)
+    assert conditioning_loss(embeds, mask).item() == pytest.approx(9.0)
+
+
+@pytest.fixture
+def unet_with_probe(model_cache):
+    from trainer.models.loading import load_models, model_cache_dir, resolve_source
+
+    models = load_models(resolve_source("tiny-sd15", None, None, model_cache_dir()))
+    probe = TokenAttentionProbe()
+    layers = probe_layer_names(models.unet)
+    processors = dict(models.unet.attn_processors)
+    plain = {k: v for k, v in processors.items()}
+    for name in layers:
+        processors[name] = probe.processor()
+    models.unet.set_attn_processor(processors)
+    return models.unet, probe, layers, plain
+
+
+def test_probe_watches_only_mid_block_cross_attention(unet_with_probe):
+    _, _, layers, _ = unet_with_probe
+    assert layers and all(name.startswith("mid_block") and ".attn2." in name for name in layers)
+
+
+def test_probe_measures_attention_on_new_tokens_and_passes_gradients(unet_with_probe):
+    unet, probe, _, _ = unet_with_probe
+    latents = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 77, 32, requires_grad=True)
+    token_mask = torch.zeros(2, 77, dtype=torch.bool)
+    token_mask[:, 5:7] = True
+    steps = torch.tensor([10, 500])
+
+    with torch.no_grad():
+        reference = unet(latents, steps, text).sample
+    probe.reset(token_mask)
+    out = unet(latents, steps, text).sample
+    # The probe's processor computes the same attention output as the default one.
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    share = probe.maps[0]
+    assert share.shape == (2, 4 * 4) and (share > 0).all() and (share < 1).all()
+    unmasked = probe.loss(None)
+    assert 0 < unmasked.item() < 1
+    unmasked.backward()
+    assert text.grad is not None and text.grad[:, 5:7].abs().sum() > 0
+    probe.disarm()
+
+    # With a concept mask, only attention outside the mask counts: a full mask leaves nothing outside.
+    probe.reset(token_mask)
+    unet(latents, steps, text)
+    assert probe.loss(torch.ones(2, 1, 8, 8)).item() == pytest.approx(0.0, abs=1e-7)
+    probe.disarm()
+    with torch.no_grad():
+        unet(latents, steps, text)
+    assert probe.maps == []  # disarmed: nothing recorded
+
+
+def test_zero_weight_terms_install_nothing(tmp_path, model_cache):
+    from tests.helpers import make_concept_images, prepared_dataset, tiny_config
+    from trainer import loop
+
+    images = make_concept_images(tmp_path / "images", n=2)
+    config = tiny_config(images, tmp_path / "runs", token_attention_loss_w=0.0, tok_cov_reg_w=0.0)
+    session, _ = loop.setup(config, dataset=prepared_dataset(images, tmp_path))
+    assert session.probe is None and session.cov_stats == []
+    names = {type(p).__name__ for p in session.models.unet.attn_processors.values()}
+    assert "_ProbeProcessor" not in names

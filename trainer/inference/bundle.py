@@ -1,0 +1,111 @@
+"""A trained LoRA as delivered: a zip (from train.py or ``python -m trainer``) or a checkpoint folder.
+
+It names its base model (``training_args.json``), its tokens (``special_params.json``) and its weight files, so a
+predictor can rebuild the trained model from it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from trainer.export.files import find_artifacts
+from trainer.models.loading import ModelSource, resolve_source
+from trainer.utils.atomic import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+#: A delivered zip is at most a few hundred MB (LoRA, embeddings, samples); refuse archives far beyond that.
+MAX_BUNDLE_BYTES = 8 << 30
+
+
+@dataclass
+class LoraBundle:
+    folder: Path
+    lora: Path | None
+    embeddings: Path | None
+    unet_dir: Path | None
+    token_dict: dict[str, str]
+    training_args: dict
+    version: str
+
+    @property
+    def trigger(self) -> str:
+        return next(iter(self.token_dict), "TOK")
+
+    @property
+    def token_string(self) -> str:
+        return self.token_dict.get(self.trigger, self.trigger)
+
+    @property
+    def tokens(self) -> list[str]:
+        tokens = self.training_args.get("inserting_list_tokens") or []
+        return tokens if self.embeddings is not None else []
+
+    def base_source(self, cache_dir: Path, override: str | None = None) -> ModelSource:
+        """The model this LoRA was trained on (or ``override``, for example a local copy of it)."""
+        args = self.training_args
+        location = override or args.get("ckpt_path")
+        pretrained = None if location else args.get("pretrained_model")
+        return resolve_source(location, pretrained, args.get("sd_model_version"), cache_dir)
+
+    @classmethod
+    def open(cls, path: Path, work_dir: Path | None = None) -> LoraBundle:
+        """Open a checkpoint folder, an unpacked bundle, or a zip (unpacked into ``work_dir``)."""
+        path = Path(path)
+        if path.is_file():
+            if not zipfile.is_zipfile(path):
+                raise ValueError(f"{path.name} is not a zip file; expected the zip a training produced")
+            target = Path(work_dir or path.parent) / f"{path.stem}-{_digest(path)}"
+            if not target.is_dir():
+                with atomic_dir(target, replace=False) as tmp:
+                    extract_zip(path, tmp)
+            path = target
+        if not path.is_dir():
+            raise ValueError(f"{path} does not exist")
+        artifacts = find_artifacts(path)
+        if artifacts["training_args"] is None or artifacts["special_params"] is None:
+            raise ValueError(
+                f"{path.name} is not a trained LoRA bundle: training_args.json and special_params.json are required"
+            )
+        if artifacts["lora"] is None and artifacts["unet"] is None and artifacts["embeddings"] is None:
+            raise ValueError(f"{path.name} holds no LoRA, embeddings or UNet weights")
+        training_args = json.loads(artifacts["training_args"].read_text(encoding="utf-8"))
+        token_dict = json.loads(artifacts["special_params"].read_text(encoding="utf-8"))
+        version = training_args.get("sd_model_version")
+        if version not in ("sdxl", "sd15"):
+            raise ValueError(f"{path.name}: training_args.json has no valid sd_model_version ({version!r})")
+        return cls(folder=path, lora=artifacts["lora"], embeddings=artifacts["embeddings"], unet_dir=artifacts["unet"],
+                   token_dict=token_dict, training_args=training_args, version=version)
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def extract_zip(archive: Path, target: Path) -> None:
+    """Extract a bundle zip, refusing members that would land outside ``target`` or inflate beyond the cap."""
+    with zipfile.ZipFile(archive) as handle:
+        total = 0
+        for info in handle.infolist():
+            name = PurePosixPath(info.filename)
+            if name.is_absolute() or ".." in name.parts or info.filename.startswith(("/", "\\")):
+                raise ValueError(f"{archive.name}: refusing the unsafe member path {info.filename!r}")
+            total += info.file_size
+            if total > MAX_BUNDLE_BYTES:
+                raise ValueError(f"{archive.name}: unpacks to more than {MAX_BUNDLE_BYTES} bytes")
+            if info.is_dir():
+                continue
+            destination = target / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with handle.open(info) as source, destination.open("wb") as sink:
+                shutil.copyfileobj(source, sink)
