@@ -88,10 +88,9 @@ def test_resume_equals_an_uninterrupted_run(images, dataset, tmp_path, model_cac
     loop.run(straight, make_zip=False)
 
     interrupted, _ = _session(images, dataset, tmp_path / "b", **settings)
+    calls = []
     with pytest.raises(loop.TrainingCancelled):
-        seen = []
-        loop.run(interrupted, should_stop=lambda: len(seen) > 6 or seen.append(1) is not None and False,
-                 make_zip=False)
+        loop.run(interrupted, should_stop=lambda: calls.append(1) or len(calls) > 7, make_zip=False)
     run_dir = interrupted.run_dir
     assert [step for step, _ in list_checkpoints(run_dir)] == [4]
 

@@ -50,21 +50,21 @@ def test_eden_pretrained_model_dicts(tmp_path, cache):
     source = resolve_source(None, {"path": str(tmp_path / "missing.safetensors"), "url": "https://e.com/j.safetensors",
                                    "version": "sdxl"}, None, cache)
     assert source.kind == "url"
-    with pytest.raises(ValueError, match="sd_model_version is 'sd15' but pretrained_model.version is 'sdxl'"):
+    with pytest.raises(ValueError, match=r"sd_model_version is 'sd15' but pretrained_model.version is 'sdxl'"):
         resolve_source(None, {"path": str(existing), "version": "sdxl"}, "sd15", cache)
-    with pytest.raises(ValueError, match="pretrained_model has unknown keys"):
+    with pytest.raises(ValueError, match=r"pretrained_model has unknown keys"):
         resolve_source(None, {"path": str(existing), "weights": 1}, None, cache)
 
 
 def test_bad_sources_explain_themselves(tmp_path, cache):
-    with pytest.raises(ValueError, match="is not an existing file or folder, an http\\(s\\) URL or a hub id"):
+    with pytest.raises(ValueError, match=r"is not an existing file or folder, an http\\(s\\) URL or a hub id"):
         resolve_source("./no/such/model", None, None, cache)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="is a folder but not a diffusers model \\(model_index.json is missing\\)"):
+    with pytest.raises(ValueError, match=r"is a folder but not a diffusers model \\(model_index.json is missing\\)"):
         resolve_source(str(tmp_path / "empty"), None, None, cache)
     text = tmp_path / "notes.txt"
     text.write_text("hi")
-    with pytest.raises(ValueError, match="is a file but not a checkpoint"):
+    with pytest.raises(ValueError, match=r"is a file but not a checkpoint"):
         resolve_source(str(text), None, None, cache)
 
 
@@ -83,13 +83,13 @@ def test_tiny_models_load_through_the_diffusers_folder_path(cache, name):
 
 
 def test_version_mismatch_is_a_clear_error(cache):
-    with pytest.raises(ValueError, match="sd_model_version is 'sd15' but .* is an SDXL model"):
+    with pytest.raises(ValueError, match=r"sd_model_version is 'sd15' but .* is an SDXL model"):
         load_models(resolve_source("tiny-sdxl", None, "sd15", cache), cache_dir=cache)
 
 
 def test_tiny_models_are_never_a_fallback(cache):
     """A real model that cannot be fetched is an error, not a silent swap for a tiny one."""
-    with pytest.raises(ValueError, match="could not fetch 'stabilityai/stable-diffusion-xl-base-1.0'"):
+    with pytest.raises(ValueError, match=r"could not fetch 'stabilityai/stable-diffusion-xl-base-1.0'"):
         load_models(resolve_source(None, None, "sdxl", cache), cache_dir=cache)
 
 
@@ -97,7 +97,7 @@ def test_non_sd_pipelines_are_refused(tmp_path, cache):
     folder = tmp_path / "other"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": []}))
-    with pytest.raises(ValueError, match="is a FluxPipeline pipeline, not Stable Diffusion 1.x or SDXL"):
+    with pytest.raises(ValueError, match=r"is a FluxPipeline pipeline, not Stable Diffusion 1.x or SDXL"):
         load_models(resolve_source(str(folder), None, None, cache), cache_dir=cache)
 
 

@@ -1,10 +1,24 @@
-"""Caption text rules: where the trigger goes and how it becomes the trained tokens."""
+"""Caption text rules: where the trigger goes, how it becomes the trained tokens, and tidying generated text."""
 
 from __future__ import annotations
 
 import re
 
 STYLE_TEMPLATE = "in the style of {trigger}"
+#: Longest caption kept (characters); CLIP reads 77 tokens, so anything longer is a mistake in the input.
+MAX_CAPTION_CHARS = 2000
+
+# BLIP's training data was scraped with alt texts such as "arafed", "araffe" (from "a raffle"): known artefacts.
+_BLIP_ARTEFACTS = re.compile(r"\b(?:ara+f+[a-z]*|arafy)\b\s*", re.IGNORECASE)
+# Florence-2 and GPT open descriptions with a frame that says nothing about the picture.
+_LEAD_INS = re.compile(
+    r"^(?:(?:the|this) (?:image|picture|photo(?:graph)?|illustration|painting|artwork)"
+    r"(?: (?:shows|depicts|features|displays|is of|contains|captures|presents))?|in (?:this|the) "
+    r"(?:image|picture|photo(?:graph)?)|there (?:is|are))[\s,:]+",
+    re.IGNORECASE,
+)
+_SPECIAL_TOKENS = re.compile(r"</?s>|<pad>|<unk>|\[(?:CLS|SEP|PAD|UNK)\]")
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 def trigger_pattern(trigger: str) -> re.Pattern[str]:
@@ -21,17 +35,21 @@ def replace_trigger(text: str, trigger: str, replacement: str) -> str:
     return trigger_pattern(trigger).sub(lambda _: replacement, text)
 
 
+def normalise_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
 def place_trigger(caption: str, trigger: str, concept_mode: str, caption_prefix: str = "",
                   prompt_modifier: str | None = None) -> str:
     """Build the training caption: the trigger placed per concept mode, then the prefix, caption and modifier.
 
-    face/object: ``"TOK, <prefix> <caption>"``; style: ``"in the style of TOK, <prefix> <caption>"``. A caption that
-    already names the trigger keeps it where it is.
+    face/object: ``"TOK, <prefix> <caption>"``; style: ``"in the style of TOK, <prefix> <caption>"``. A caption (or
+    prefix) that already names the trigger keeps it where it is.
     """
-    caption = " ".join(caption.split())
+    caption = normalise_whitespace(caption)
     parts = []
     if caption_prefix.strip():
-        parts.append(caption_prefix.strip())
+        parts.append(normalise_whitespace(caption_prefix))
     if caption:
         parts.append(caption)
     body = " ".join(parts)
@@ -39,5 +57,47 @@ def place_trigger(caption: str, trigger: str, concept_mode: str, caption_prefix:
         lead = STYLE_TEMPLATE.format(trigger=trigger) if concept_mode == "style" else trigger
         body = f"{lead}, {body}" if body else lead
     if prompt_modifier and prompt_modifier.strip():
-        body = f"{body}, {prompt_modifier.strip()}"
+        body = f"{body}, {normalise_whitespace(prompt_modifier)}"
     return body
+
+
+def clean_caption_text(text: str) -> str:
+    """Tidy a caption read from a file: one line, no surrounding quotes, at most ``MAX_CAPTION_CHARS``."""
+    text = normalise_whitespace(text.replace("\x00", " "))
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text[:MAX_CAPTION_CHARS].strip()
+
+
+def clean_generated_caption(text: str) -> str:
+    """Tidy model output: special tokens, BLIP's "arafed" artefacts, "The image shows" lead-ins, final full stop.
+
+    Idempotent: cleaning a cleaned caption changes nothing.
+    """
+    previous = None
+    text = clean_caption_text(_SPECIAL_TOKENS.sub(" ", text))
+    while text != previous:
+        previous = text
+        text = _BLIP_ARTEFACTS.sub("", text)
+        stripped = _LEAD_INS.sub("", text, count=1)
+        if stripped != text and stripped:
+            text = stripped[0].lower() + stripped[1:]
+        text = normalise_whitespace(text).strip(" ,;:").rstrip(".").strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            text = text[1:-1].strip()
+    return text
+
+
+def swap_left_right(text: str) -> str:
+    """Swap the words left and right (keeping their case): the caption of a mirrored copy."""
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        if word[0].isupper():
+            return other.capitalize()
+        return other
+
+    return _LEFT_RIGHT.sub(swap, text)

@@ -1,58 +1,204 @@
-"""Opening user images safely and normalising them to 8-bit RGB."""
+"""Opening user images safely and normalising them to 8-bit sRGB.
+
+- Only raster formats that photos and drawings come in are parsed (JPEG/MPO, PNG, WebP, BMP, TIFF, GIF, and
+  HEIC/HEIF/AVIF where the plugins are present); Pillow's other parsers (EPS runs Ghostscript) never see user bytes.
+- The pixel count is checked from the header, before any pixel is decoded (decompression bombs).
+- EXIF orientation is applied, the first frame of animations is used, embedded ICC profiles (Display P3 phone
+  photos, CMYK print files) are converted to sRGB.
+- Transparency: the image is composited on a white background, and its alpha channel is returned as a mask
+  (255 = opaque) that preparation uses as the sample's mask, so transparent areas do not count in the loss.
+- Palette, grey, 16-bit and float images are converted by value range, not clipped.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+from trainer.data.errors import DataError
 
-#: Refuse images above this many pixels (decompression bombs); 64 MP covers any camera.
-MAX_IMAGE_PIXELS = 64_000_000
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif"}
+
+#: Refuse images above this many pixels (decompression bombs); see DataLimits.max_image_pixels.
+MAX_IMAGE_PIXELS = 120_000_000
+
+_BASE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF")
+_heif_checked = False
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DataError):
     """An input file that is not a usable image; the message names the file."""
 
 
+@dataclass
+class LoadedImage:
+    image: Image.Image
+    """RGB, 8 bits per channel, orientation applied."""
+    alpha: Image.Image | None
+    """L-mode opacity (255 = opaque) when the file had real transparency, else None."""
+    format: str
+
+
+def _register_optional_formats() -> tuple[str, ...]:
+    """Formats from optional plugins: HEIC/HEIF through pillow-heif, AVIF through Pillow itself (11.2+)."""
+    global _heif_checked
+    if not _heif_checked:
+        _heif_checked = True
+        try:
+            import pillow_heif  # type: ignore[import-not-found]
+
+            pillow_heif.register_heif_opener()
+        except ImportError:
+            logger.debug("pillow-heif is not installed: HEIC images are skipped")
+    Image.init()
+    return tuple(f for f in ("HEIF", "AVIF") if f in Image.OPEN)
+
+
+def allowed_formats() -> tuple[str, ...]:
+    optional = _register_optional_formats()
+    # MPO (multi-picture camera JPEGs) opens through the JPEG entry; names Pillow lacks are left out.
+    return tuple(f for f in _BASE_FORMATS if f in Image.OPEN) + optional
+
+
+# ---------------------------------------------------------------------------------------------- conversions
+def _high_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit int and float greyscale to 8 bits, by the range the type implies."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        top = float(np.nanmax(array)) if array.size else 1.0
+        scale = 255.0 if top <= 1.0 else (1.0 if top <= 255.0 else 255.0 / top)
+    elif image.mode.startswith("I;16") or (array.size and array.max() <= 65535 and array.min() >= 0):
+        scale = 255.0 / 65535.0  # 16-bit data (PNG/TIFF open as I;16 or I): full range, not clipped at 255
+    else:
+        low, top = float(array.min()), float(array.max())
+        array = array - low
+        scale = 255.0 / max(top - low, 1.0)
+    scaled = np.clip(np.nan_to_num(array.astype(np.float64) * scale), 0, 255)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """Apply an embedded ICC profile (CMYK, Display P3, Adobe RGB) so colours match what the user saw."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        target_mode = "RGBA" if image.mode in ("RGBA", "LA") else "RGB"
+        if image.mode == "LA":
+            image = image.convert("RGBA")
+        if _is_srgb(source) and image.mode == target_mode:
+            return image
+        srgb = ImageCms.createProfile("sRGB")
+        converted = ImageCms.profileToProfile(image, source, srgb, outputMode=target_mode)
+        return converted if converted is not None else image
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as error:
+        logger.debug("ignoring an unusable ICC profile (%s)", error)
+        return image
+
+
+def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
+    try:
+        return ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb")
+    except ImageCms.PyCMSError:
+        return False
+
+
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> tuple[Image.Image, Image.Image | None]:
-    """Convert any mode to RGB. Transparency is composited on white and returned as a mask (alpha > 0)."""
-    alpha = None
-    if image.mode == "P":
+    """Convert any mode to RGB. Transparency is composited on ``background`` and returned as an L mask."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_bit_to_l(image)
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode in ("P", "PA"):
+        has_alpha = image.mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    elif image.mode == "La":
+        image = image.convert("LA")
+    elif image.mode == "RGBa":
         image = image.convert("RGBA")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale the full range down to 8 bits instead of clipping at 255.
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() if array.max() > 0 else 1.0
-        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("LA", "RGBA", "PA"):
+    image = _to_srgb(image)
+    alpha = None
+    if image.mode in ("LA", "RGBA"):
         rgba = image.convert("RGBA")
         alpha = rgba.getchannel("A")
-        base = Image.new("RGB", rgba.size, background)
-        base.paste(rgba, mask=alpha)
-        image = base
-        if alpha.getextrema() == (255, 255):
-            alpha = None
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        image = Image.alpha_composite(base, rgba).convert("RGB")
+        if alpha.getextrema()[0] == 255:
+            alpha = None  # an alpha channel with nothing transparent is no mask
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image, alpha
 
 
-def open_image(path: Path) -> tuple[Image.Image, Image.Image | None]:
-    """Open an image file as RGB (EXIF orientation applied) plus its alpha mask if it has transparency."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# ---------------------------------------------------------------------------------------------------- opening
+def open_image(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, label: str | None = None,
+               draft_size: tuple[int, int] | None = None) -> LoadedImage:
+    """Open an image file as RGB (orientation applied) plus its alpha mask when it has transparency.
+
+    ``draft_size`` (width, height) lets JPEG decode directly at a reduced scale of at least that size, which is
+    much faster for working copies. Raises :class:`ImageReadError` naming ``label`` (default: the file name).
+    """
+    name = label or Path(path).name
     try:
-        with Image.open(path) as image:
-            image.seek(0)  # first frame of animations
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise ImageReadError(f"{path.name}: image is too large ({error}); the limit is {MAX_IMAGE_PIXELS} pixels") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"{path.name}: not a readable image ({error})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+        with warnings.catch_warnings():
+            # The explicit pixel check below replaces Pillow's global, process-wide one.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=allowed_formats()) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageReadError(
+                        f"{name}: {width}×{height} pixels ({width * height / 1e6:.0f} MP) is over the limit of "
+                        f"{max_pixels / 1e6:.0f} MP; downscale it"
+                    )
+                if width < 1 or height < 1:
+                    raise ImageReadError(f"{name}: the image has no pixels")
+                fmt = image.format or "?"
+                if draft_size is not None and fmt in ("JPEG", "MPO"):
+                    image.draft("RGB", draft_size)
+                image.seek(0)  # first frame of animations and multi-page files
+                image.load()
+                image = _apply_orientation(image)
+                rgb, alpha = to_rgb(image)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError:
+        # Pillow's own guard (at twice its MAX_IMAGE_PIXELS) fired while reading the header: far over our limit too.
+        raise ImageReadError(
+            f"{name}: the image is over the limit of {max_pixels / 1e6:.0f} MP (a decompression bomb?); downscale it"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError(f"{name}: not an image in a supported format") from None
+    except MemoryError:
+        raise ImageReadError(f"{name}: not enough memory to decode it") from None
+    except Exception as error:
+        reason = str(error).strip() or type(error).__name__
+        raise ImageReadError(f"{name}: the image is truncated or corrupt ({reason[:120]})") from None
+    return LoadedImage(rgb, alpha, fmt)
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:
+        logger.debug("ignoring unreadable EXIF orientation (%s)", error)
+        return image
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only."""
+    with Image.open(path, formats=allowed_formats()) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except Exception:
+            orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

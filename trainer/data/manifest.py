@@ -37,6 +37,10 @@ class Sample:
     """Where the image came from, for messages (URL or archive member, without credentials)."""
     augmented: bool = False
     """True for copies added by augmentation."""
+    resized_size: tuple[int, int] | None = None
+    """(height, width) of the whole image at the scale the crop was taken from (None in older manifests). A
+    trainer that mirrors the crop at train time needs it for SDXL's crop conditioning: the mirrored crop's left is
+    ``resized_width - left - target_width``."""
 
 
 @dataclass
@@ -88,5 +92,7 @@ class PreparedDataset:
             raw = dict(raw)
             for key in ("target_size", "original_size", "crop_top_left"):
                 raw[key] = tuple(raw[key])
+            if raw.get("resized_size") is not None:
+                raw["resized_size"] = tuple(raw["resized_size"])
             samples.append(Sample(**raw))
         return cls(root=root, samples=samples, trigger=payload.get("trigger", "TOK"), info=payload.get("info", {}))

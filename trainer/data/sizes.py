@@ -6,7 +6,7 @@ from trainer.config.schema import SIZE_MULTIPLE, TrainingConfig
 
 
 def round_to_multiple(value: float, multiple: int = SIZE_MULTIPLE) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+    return max(multiple, round(value / multiple) * multiple)
 
 
 def size_for_aspect(resolution: int, aspect: float, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:

@@ -1,0 +1,60 @@
+"""Masks that weight the loss and guide the crops: 255 (1.0) where the concept is, soft towards 0 elsewhere.
+
+Which method runs:
+
+- ``use_face_detection_instead`` → the face detector;
+- else ``mask_target_prompts`` → CLIPSeg with those prompts (several separated by ``|`` or new lines: their union);
+- else face mode → the face detector;
+- else no mask (crops follow a saliency map).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+
+import numpy as np
+from PIL import Image
+
+from trainer.config.schema import TrainingConfig
+
+
+class Masker(ABC):
+    name: str = "mask"
+    input_side: int = 1024
+    """Longest side of the working copy the masker looks at; masks are scaled to the image afterwards."""
+
+    @abstractmethod
+    def mask(self, image: Image.Image) -> np.ndarray:
+        """float32 (height, width) in [0, 1] at the size of ``image``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: the face detector holds nothing to free
+        """Free the model (device memory included)."""
+
+
+def mask_method(config: TrainingConfig) -> str | None:
+    if config.use_face_detection_instead:
+        return "face"
+    if config.mask_target_prompts and split_prompts(config.mask_target_prompts):
+        return "clipseg"
+    if config.concept_mode == "face":
+        return "face"
+    return None
+
+
+def split_prompts(text: str) -> list[str]:
+    """CLIPSeg prompts: separated by ``|`` or new lines (commas belong to prompts such as "a man, smiling")."""
+    return [p.strip() for p in re.split(r"[|\r\n]+", text) if p.strip()]
+
+
+def create_masker(config: TrainingConfig) -> Masker | None:
+    method = mask_method(config)
+    if method == "face":
+        from trainer.data.masks.faces import FaceMasker
+
+        return FaceMasker()
+    if method == "clipseg":
+        from trainer.data.masks.clipseg import ClipSegMasker
+
+        return ClipSegMasker.from_config(config)
+    return None
