@@ -87,7 +87,7 @@ def denoising_eval(session, captions: list[str], timesteps=(150, 450, 750), seed
         noisy = session.noise_scheduler.add_noise(latents, noise, steps)
         kwargs = {}
         if pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": session.time_ids[:n]}
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": session.time_ids[:n, 0]}
         pred = unet(noisy, steps, prompt_embeds, **kwargs).sample
         losses.append(torch.nn.functional.mse_loss(pred, noise).item())
     unet.train(was_training)

@@ -117,3 +117,15 @@ def test_lora_metadata_for_a1111_and_comfyui(trained_sdxl):
     assert metadata["ss_num_train_images"] == "4"
     assert json.loads(metadata["ss_tag_frequency"])["img"]
     assert all(isinstance(v, str) for v in metadata.values())
+
+
+def test_sdxl_crop_conditioning_mirrors_with_the_flip(tmp_path):
+    from trainer.data.manifest import PreparedDataset, Sample
+    from trainer.loop import sdxl_time_ids
+
+    sample = Sample(image="a.png", caption="TOK", target_size=(64, 64), original_size=(300, 200),
+                    crop_top_left=(4, 10), resized_size=(96, 100))
+    ids = sdxl_time_ids(PreparedDataset(root=tmp_path, samples=[sample]), torch.device("cpu"))
+    assert ids.shape == (1, 2, 6)
+    assert ids[0, 0].tolist() == [300, 200, 4, 10, 64, 64]
+    assert ids[0, 1].tolist() == [300, 200, 4, 100 - 10 - 64, 64, 64]

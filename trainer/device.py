@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,14 +186,21 @@ def parse_device(spec: str) -> tuple[str, int | None]:
     return backend, int(index) if index else None
 
 
-def select_device(spec: str = "auto") -> torch.device:
-    """Resolve a device string, failing early with the reason when it is not available."""
+def select_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+    """Resolve a device string, failing early with the reason when it is not available.
+
+    ``local_rank`` (multi-process runs) picks each process's own GPU when the spec names no index.
+    """
     backend, index = parse_device(spec)
+    if local_rank is not None and index is None:
+        index = local_rank
     if backend == "auto":
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            return torch.device("cpu")
         if cuda_available():
-            return torch.device("cuda", 0)
+            return select_device(f"cuda:{index or 0}")
         if xpu_available():
-            return torch.device("xpu", 0)
+            return select_device(f"xpu:{index or 0}")
         if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -240,9 +248,10 @@ def resolve_dtype(backend: str, weight_type: str) -> torch.dtype:
     return dtype
 
 
-def setup_device(spec: str = "auto", weight_type: str = "bf16", allow_tf32: bool = True) -> DeviceInfo:
+def setup_device(spec: str = "auto", weight_type: str = "bf16", allow_tf32: bool = True,
+                 local_rank: int | None = None) -> DeviceInfo:
     """Select the device, its working dtype and its maths settings; import Intel's extension where present."""
-    device = select_device(spec)
+    device = select_device(spec, local_rank)
     dtype = resolve_dtype(device.type, weight_type)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32

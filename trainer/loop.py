@@ -25,9 +25,10 @@ from trainer.adapters.tokens import CONCEPT_INIT_WORDS, NewTokens, TokenInit
 from trainer.config import TrainingConfig, save_config
 from trainer.config.schema import default_token_list
 from trainer.data.captions import replace_trigger
-from trainer.data.dataset import BatchPlan, LatentSource
+from trainer.data.dataset import Batch, BatchPlan, LatentSource
 from trainer.data.manifest import PreparedDataset
 from trainer.device import DeviceInfo, cpu_rng_state, set_cpu_rng_state, setup_device
+from trainer.distributed import Distributed, init_distributed
 from trainer.export.bundle import ExportSpec, usage_readme, write_export, write_zip
 from trainer.export.files import SAVE_DTYPES, safe_name
 from trainer.inference import sampling
@@ -161,11 +162,10 @@ def _run_dir(config: TrainingConfig) -> Path:
 
 
 class LossLog:
-    """Loss values kept on the device until the next read-back, then appended to ``loss.csv``."""
+    """``loss.csv``: one row per step, appended at each read-back (and truncated to the resume step)."""
 
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / LOSS_CSV
-        self.pending: list[tuple[int, torch.Tensor]] = []
         self.rows: list[tuple[int, float]] = []
         if self.path.is_file():
             with self.path.open(newline="") as handle:
@@ -180,20 +180,10 @@ class LossLog:
         text = "step,loss\n" + "".join(f"{s},{v:.6g}\n" for s, v in self.rows)
         atomic_write_text(self.path, text)
 
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        self.pending.append((step, loss.detach()))
-
-    def flush(self) -> list[tuple[int, float]]:
-        """Read pending losses back (one synchronisation) and append them to the CSV."""
-        if not self.pending:
-            return []
-        values = torch.stack([v for _, v in self.pending]).float().cpu().tolist()
-        new = [(s, v) for (s, _), v in zip(self.pending, values, strict=True)]
-        self.pending = []
-        self.rows.extend(new)
+    def extend(self, rows: list[tuple[int, float]]) -> None:
+        self.rows.extend(rows)
         with self.path.open("a") as handle:
-            handle.writelines(f"{s},{v:.6g}\n" for s, v in new)
-        return new
+            handle.writelines(f"{s},{v:.6g}\n" for s, v in rows)
 
 
 # ================================================================================================= set-up
@@ -223,6 +213,7 @@ class Session:
     token_string: str | None
     probe: TokenAttentionProbe | None
     cov_stats: list[tuple[torch.Tensor, torch.Tensor]]
+    dist: Distributed = field(default_factory=Distributed)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -257,26 +248,36 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
           allow_local_sources: bool = True) -> tuple[Session, dict | None]:
     timings: dict[str, float] = {}
     config = config.model_copy(deep=True)
+    from trainer.device import select_device
+
+    dist = init_distributed(cpu=select_device(config.device).type == "cpu")
     resume_checkpoint = ckpt.resolve_resume(config.resume_from) if config.resume_from else None
     if resume_checkpoint is not None:
         run_dir = ckpt.run_dir_of(resume_checkpoint)
-    run_dir = Path(run_dir) if run_dir else _run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(dist.broadcast(str(run_dir) if run_dir else str(_run_dir(config))))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     state = ckpt.load_state(resume_checkpoint) if resume_checkpoint else None
-    seed = state["seed"] if state else _choose_seed(config)
+    seed = state["seed"] if state else dist.broadcast(_choose_seed(config))
     config.seed = seed
     config.name = config.name or run_dir.name
     if not config.start_time:
         config.start_time = time.time()
     _seed_everything(seed)
 
-    device = setup_device(config.device, config.weight_type, config.allow_tf32)
+    device = setup_device(config.device, config.weight_type, config.allow_tf32,
+                          local_rank=dist.local_rank if dist.enabled else None)
     cache_dir = model_cache_dir(config.model_cache_dir)
 
     started = time.perf_counter()
     source = resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, cache_dir)
+    # The main process loads first, so that downloads and fixture builds into the shared cache happen once.
+    if not dist.is_main:
+        dist.barrier()
     models = load_models(source, dtype=device.dtype, cache_dir=cache_dir, variant=config.hf_variant,
                          single_file_config=config.single_file_config)
+    if dist.is_main:
+        dist.barrier()
     config.sd_model_version = models.version
     timings["model_load_s"] = time.perf_counter() - started
 
@@ -284,7 +285,12 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     if dataset is None:
         from trainer.data.prepare import prepare_dataset
 
-        dataset = prepare_dataset(config, run_dir, allow_local=allow_local_sources)
+        # One process fetches and prepares the data; the others read the manifest it wrote.
+        if dist.is_main:
+            dataset = prepare_dataset(config, run_dir, allow_local=allow_local_sources)
+        dist.barrier()
+        if not dist.is_main:
+            dataset = PreparedDataset.load(run_dir / "dataset")
     timings["data_prep_s"] = time.perf_counter() - started
     for size in dataset.target_sizes:
         multiple = models.unet_size_multiple
@@ -331,7 +337,9 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
 
     # ---- data
     flip = config.left_right_flip_augmentation and config.concept_mode != "face"
-    plan = BatchPlan(dataset, config.train_batch_size, seed, flip)
+    # The plan is over global batches (every process's share together) so that N processes see the same data as
+    # one process with an N times larger batch.
+    plan = BatchPlan(dataset, config.train_batch_size * dist.world_size, seed, flip)
     total_steps = resolve_total_steps(config, plan.batches_per_epoch)
     config.max_train_steps = total_steps
     config.num_train_epochs = math.ceil(total_steps * config.gradient_accumulation_steps / plan.batches_per_epoch)
@@ -366,12 +374,7 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
         replace_trigger(s.caption, dataset.trigger, token_string) if token_string else s.caption
         for s in dataset.samples
     ]
-    time_ids = None
-    if models.is_sdxl:
-        time_ids = torch.tensor(
-            [[*s.original_size, *s.crop_top_left, *s.target_size] for s in dataset.samples],
-            dtype=torch.float32, device=device.device,
-        )
+    time_ids = sdxl_time_ids(dataset, device.device) if models.is_sdxl else None
     vae_dtype = models.vae.dtype
     latents = LatentSource(dataset, models.vae, device.device, vae_dtype=vae_dtype, cache=config.cache_vae_outputs,
                            flip=flip, use_masks=config.use_masks, scale_factor=models.vae_scale_factor)
@@ -389,15 +392,40 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     if config.tok_cov_reg_w > 0 and tokens is not None:
         cov_stats = [tokens.pretrained_statistics(i) for i in range(len(models.text_encoders))]
 
+    if config.torch_compile if config.torch_compile is not None else device.supports_compile:
+        # Regional compilation: each transformer block compiles once and is reused, so the warm-up takes seconds
+        # where compiling the whole UNet takes minutes. After LoRA injection, so the adapters are compiled in.
+        models.unet.compile_repeated_blocks(dynamic=False)
+        logger.info("compiling the UNet's transformer blocks (regional torch.compile)")
+
     session = Session(
-        config=config, device=device, models=models, dataset=dataset, run_dir=run_dir, seed=seed,
+        config=config, device=device, models=models, dataset=dataset, run_dir=run_dir, seed=seed, dist=dist,
         total_steps=total_steps, schedule=schedule, groups=groups, tokens=tokens,
         unet_lora_params=unet_lora_params, te_lora=te_lora, text=text, latents=latents, plan=plan,
         noise_scheduler=noise_scheduler, prediction_type=prediction_type, captions=captions, time_ids=time_ids,
         token_string=token_string, probe=probe, cov_stats=cov_stats, timings=timings,
     )
-    save_config(config, run_dir / "training_args.json")
+    if dist.is_main:
+        save_config(config, run_dir / "training_args.json")
     return session, state
+
+
+def sdxl_time_ids(dataset: PreparedDataset, device: torch.device) -> torch.Tensor:
+    """SDXL's size and crop conditioning per sample, unflipped and flipped: [N, 2, 6].
+
+    A mirrored crop starts at ``resized_width - left - target_width`` (when the manifest knows the resized size).
+    """
+    rows = []
+    for s in dataset.samples:
+        top, left = s.crop_top_left
+        flipped_left = left
+        if s.resized_size is not None:
+            flipped_left = max(0, s.resized_size[1] - left - s.target_size[1])
+        rows.append([
+            [*s.original_size, top, left, *s.target_size],
+            [*s.original_size, top, flipped_left, *s.target_size],
+        ])
+    return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
 def _seed_everything(seed: int) -> None:
@@ -482,26 +510,33 @@ def _apply_phase(session: Session, phase: Phase) -> None:
     session.models.unet.train(True)
 
 
-def compute_loss(session: Session, batch, micro_step: int, phase: Phase) -> torch.Tensor:
+def compute_loss(session: Session, batch: Batch, micro_step: int, phase: Phase) -> torch.Tensor:
+    """The loss of this process's share of the global ``batch`` of ``micro_step``."""
     config, device = session.config, session.device
-    latents, masks = session.latents.get(batch)
+    # Randomness is drawn for the whole global batch and then sliced, so that every sample gets the same noise,
+    # timestep and dropout whatever the number of processes.
+    share = session.dist.rank_slice(len(batch.indices))
+    dropout = random.Random(f"{session.seed}-dropout-{micro_step}")
+    texts = ["" if dropout.random() < config.caption_dropout else session.captions[i] for i in batch.indices][share]
+    local = Batch(indices=batch.indices[share], flips=batch.flips[share], target_size=batch.target_size)
+    latents, masks = session.latents.get(local)
     generator = device.generator(_step_seed(session.seed, micro_step))
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    noise = offset_noise(noise, config.noise_offset, generator)
+    global_shape = (len(batch.indices), *latents.shape[1:])
+    noise = torch.randn(global_shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = offset_noise(noise, config.noise_offset, generator)[share]
     n_train = session.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, n_train, (latents.shape[0],), generator=generator, device=latents.device)
+    timesteps = torch.randint(0, n_train, (global_shape[0],), generator=generator, device=latents.device)[share]
     noisy = session.noise_scheduler.add_noise(latents, noise, timesteps)
     target = target_for(session.prediction_type, latents, noise, timesteps, session.noise_scheduler)
-
-    dropout = random.Random(f"{session.seed}-dropout-{micro_step}")
-    texts = ["" if dropout.random() < config.caption_dropout else session.captions[i] for i in batch.indices]
+    batch = local
 
     with device.autocast():
         with torch.set_grad_enabled(phase.text_trains):
             prompt_embeds, pooled = session.text.encode(texts)
         kwargs = {}
         if session.models.is_sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": session.time_ids[batch.indices]}
+            time_ids = session.time_ids[batch.indices, [int(f) for f in batch.flips]]
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         token_mask = None
         if session.probe is not None or config.tok_cond_reg_w > 0:
             token_mask = session.tokens.new_token_mask(session.text.token_ids(texts)[0])
@@ -534,6 +569,7 @@ def compute_loss(session: Session, batch, micro_step: int, phase: Phase) -> torc
 
 def optimizer_step(session: Session, phase: Phase) -> None:
     active = {"unet": phase.unet, "ti": phase.ti, "te_lora": phase.te_lora}
+    session.dist.average_gradients([p for g in session.groups if active[g.name] for p in g.params])
     for group in session.groups:
         if active[group.name]:
             if session.config.max_grad_norm is not None:
@@ -587,6 +623,8 @@ def render_samples(session: Session, folder: Path, step: int) -> Path | None:
         prompts = [(f"{p}, {config.prompt_modifier}", n) for p, n in prompts]
     was_training = models.unet.training
     models.unet.eval()
+    if config.offload_idle_modules:
+        offload_idle(session, False)
     try:
         pipeline = models.pipeline()
         pipeline.set_progress_bar_config(disable=True)
@@ -601,10 +639,16 @@ def render_samples(session: Session, folder: Path, step: int) -> Path | None:
             )
     finally:
         models.unet.train(was_training)
+        if config.offload_idle_modules:
+            offload_idle(session, True)
     return sampling.save_samples(images, prompts, folder / "samples", f"step-{step:06d}")
 
 
 def save_checkpoint(session: Session, step: int, with_samples: bool) -> Path:
+    if not session.dist.is_main:
+        session.dist.barrier()
+        return ckpt.checkpoint_dir(session.run_dir, step)
+
     def write_files(folder: Path) -> None:
         _check_finite_parameters(session, step)
         write_export(
@@ -615,8 +659,11 @@ def save_checkpoint(session: Session, step: int, with_samples: bool) -> Path:
         if with_samples:
             render_samples(session, folder, step)
 
-    return ckpt.write_checkpoint(session.run_dir, step, write_files, training_state(session, step),
-                                 session.config.max_checkpoints, protect={session.total_steps})
+    try:
+        return ckpt.write_checkpoint(session.run_dir, step, write_files, training_state(session, step),
+                                     session.config.max_checkpoints, protect={session.total_steps})
+    finally:
+        session.dist.barrier()
 
 
 def _check_finite_parameters(session: Session, step: int) -> None:
@@ -641,25 +688,68 @@ def train(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     return result
 
 
+def enter_phase(session: Session, phase: Phase, step: int) -> None:
+    """Switch which parts train; cache text-encoder outputs once the text side is frozen for good."""
+    _apply_phase(session, phase)
+    config = session.config
+    if config.cache_text_encoder_outputs and not session.text.cached and session.schedule.text_frozen_from(step):
+        session.text.build_cache([*session.captions, ""], session.device.autocast)
+        logger.info("text side frozen from step %d: text-encoder outputs cached", step)
+        if config.offload_idle_modules:
+            offload_idle(session, True)
+
+
+def offload_idle(session: Session, offload: bool) -> None:
+    """Move the modules that cached outputs replaced (text encoders; the VAE once latents are cached) off the
+    device, or back for sampling."""
+    target = torch.device("cpu") if offload else session.device.device
+    modules = list(session.models.text_encoders) if session.text.cached else []
+    if session.latents.cache_enabled:
+        modules.append(session.models.vae)
+    for module in modules:
+        module.to(target)
+    if offload:
+        session.device.empty_cache()
+
+
+def train_step(session: Session, step: int, phase: Phase) -> torch.Tensor:
+    """One optimisation step (all micro-batches); returns the mean loss as a device tensor (no synchronisation)."""
+    accum = session.config.gradient_accumulation_steps
+    step_loss = None
+    for micro in range(accum):
+        micro_step = step * accum + micro
+        loss = compute_loss(session, session.plan.batch(micro_step), micro_step, phase)
+        (loss / accum).backward()
+        if session.probe is not None:
+            session.probe.disarm()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    optimizer_step(session, phase)
+    return session.dist.average(step_loss / accum)
+
+
 def run(session: Session, state: dict | None = None, *, should_stop: Callable[[], bool] | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None, make_zip: bool = True) -> RunResult:
     """The training loop over a prepared session (``state``: a checkpoint's training state to resume from)."""
     from tqdm.auto import tqdm
 
-    config = session.config
+    config, dist = session.config, session.dist
     start_step = restore(session, state) if state else 0
-    log = LossLog(session.run_dir, start_step)
+    log = LossLog(session.run_dir, start_step) if dist.is_main else None
 
     started = time.perf_counter()
     session.latents.build_cache()
     session.timings["latent_cache_s"] = time.perf_counter() - started
+    if config.offload_idle_modules:
+        offload_idle(session, True)
 
-    accum = config.gradient_accumulation_steps
     current: Phase | None = None
-    last_good = ckpt.list_checkpoints(session.run_dir)[-1][1] if ckpt.list_checkpoints(session.run_dir) else None
-    bar = tqdm(total=session.total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+    existing = ckpt.list_checkpoints(session.run_dir)
+    last_good = existing[-1][1] if existing else None
+    bar = tqdm(total=session.total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main)
     loop_start = time.perf_counter()
     last_loss: float | None = None
+    pending: list[tuple[int, torch.Tensor]] = []
     try:
         for step in range(start_step, session.total_steps):
             if should_stop is not None and should_stop():
@@ -671,28 +761,20 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
                 optimizer_step(session, phase)
                 continue
             if phase != current:
-                _apply_phase(session, phase)
-                if (config.cache_text_encoder_outputs and not session.text.cached
-                        and session.schedule.text_frozen_from(step)):
-                    session.text.build_cache([*session.captions, ""], session.device.autocast)
-                    logger.info("text side frozen from step %d: text-encoder outputs cached", step)
+                enter_phase(session, phase, step)
                 current = phase
-
-            step_loss = None
-            for micro in range(accum):
-                micro_step = step * accum + micro
-                loss = compute_loss(session, session.plan.batch(micro_step), micro_step, phase)
-                (loss / accum).backward()
-                if session.probe is not None:
-                    session.probe.disarm()
-                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            optimizer_step(session, phase)
-            log.add(step, step_loss / accum)
+            pending.append((step, train_step(session, step, phase)))
 
             done = step + 1
             checkpoint_due = config.checkpointing_steps and done % config.checkpointing_steps == 0
             if done % config.logging_steps == 0 or checkpoint_due or done == session.total_steps:
-                for logged_step, value in log.flush():
+                # The only read-back of the loss: once per logging interval, all pending steps together.
+                values = torch.stack([v for _, v in pending]).float().cpu().tolist()
+                flushed = [(s, v) for (s, _), v in zip(pending, values, strict=True)]
+                pending = []
+                if log is not None:
+                    log.extend(flushed)
+                for logged_step, value in flushed:
                     if not math.isfinite(value):
                         where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved"
                         raise TrainingDiverged(
@@ -704,7 +786,7 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
                 rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
                 bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-", refresh=False)
                 bar.update(done - bar.n)
-                if on_progress is not None:
+                if on_progress is not None and dist.is_main:
                     on_progress(ProgressEvent(done, session.total_steps, last_loss, elapsed, rate))
             if checkpoint_due and done < session.total_steps:
                 last_good = save_checkpoint(session, done, with_samples=True)
@@ -713,11 +795,18 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
     session.timings["train_loop_s"] = time.perf_counter() - loop_start
 
     final = save_checkpoint(session, session.total_steps, with_samples=True)
-    plot_losses(log.rows, session.run_dir / LOSS_PNG)
     zip_path = None
-    if make_zip:
-        zip_path = build_zip(session, final)
-    logger.info("done: %s", zip_path or final)
+    if dist.is_main:
+        plot_losses(log.rows, session.run_dir / LOSS_PNG)
+        extras = {}
+        if config.evaluate_checkpoints:
+            from trainer.evaluate import evaluate_after_training
+
+            extras = evaluate_after_training(session)
+        if make_zip:
+            zip_path = build_zip(session, final, extras)
+        logger.info("done: %s", zip_path or final)
+    dist.barrier()
     return RunResult(session.run_dir, final, zip_path, session.total_steps, config, session.timings)
 
 
