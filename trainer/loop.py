@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -395,8 +396,10 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     if config.torch_compile if config.torch_compile is not None else device.supports_compile:
         # Regional compilation: each transformer block compiles once and is reused, so the warm-up takes seconds
         # where compiling the whole UNet takes minutes. After LoRA injection, so the adapters are compiled in.
-        models.unet.compile_repeated_blocks(dynamic=False)
-        logger.info("compiling the UNet's transformer blocks (regional torch.compile)")
+        # TRAINER_COMPILE_BACKEND picks another torch.compile backend (e.g. aot_eager to debug graph capture).
+        backend = os.environ.get("TRAINER_COMPILE_BACKEND", "inductor")
+        models.unet.compile_repeated_blocks(dynamic=False, backend=backend)
+        logger.info("compiling the UNet's transformer blocks (regional torch.compile, %s)", backend)
 
     session = Session(
         config=config, device=device, models=models, dataset=dataset, run_dir=run_dir, seed=seed, dist=dist,

@@ -1,0 +1,267 @@
+"""Speed and memory of the training step, measured with the trainer's own code on whatever device runs it.
+
+``python -m trainer benchmark --model sdxl`` builds the real SDXL-base architecture with random weights (speed and
+memory do not depend on the weights), saves it once to the model cache (so load time is a real disk load), and
+measures per case (resolution × batch × optimizer):
+
+- images/s in the textual-inversion phase (text encoders in the graph) and after the pivot (cached text outputs),
+- peak allocated device memory of each phase,
+- model load time,
+
+and, with ``--end-to-end``, the wall time of the default job from a folder of images to the zip. The same command
+runs on a CPU with ``--model tiny-sdxl`` as a regression check of the same code. Results go to a JSON file and a
+Markdown table; BENCHMARKS.md records the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+REAL_MODELS = ("sdxl", "sd15")
+TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
+
+
+@dataclass
+class CaseResult:
+    model: str
+    resolution: int
+    batch: int
+    optimizer: str
+    compiled: bool
+    gradient_checkpointing: bool
+    ti_images_per_s: float
+    ti_peak_gib: float | None
+    pivot_images_per_s: float
+    pivot_peak_gib: float | None
+    load_s: float
+    warmup_s: float
+
+
+def synthetic_dataset(folder: Path, n: int, size: int):
+    """``n`` random images already at the training size, captioned with the trigger (the prepared-data contract)."""
+    from trainer.data.manifest import PreparedDataset, Sample
+
+    root = folder / "dataset"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples = []
+    for index in range(n):
+        pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{index}.png")
+        samples.append(Sample(image=f"images/{index}.png", caption=f"TOK, a test image number {index}",
+                              target_size=(size, size), original_size=(size, size)))
+    dataset = PreparedDataset(root=root, samples=samples)
+    dataset.save()
+    return dataset
+
+
+def model_location(model: str, cache_dir: Path, device) -> str:
+    if model in TINY_MODELS:
+        return model
+    from trainer.models.architectures import build_random_pipeline
+
+    return str(build_random_pipeline(model, cache_dir / "benchmark" / f"{model}-random-fp16", device=device))
+
+
+def _timed_steps(session, first_step: int, warmup: int, steps: int) -> tuple[float, float | None, float]:
+    from trainer import loop
+
+    phase = session.schedule.at(first_step)
+    loop.enter_phase(session, phase, first_step)
+    device = session.device
+    started = time.perf_counter()
+    for step in range(first_step, first_step + warmup):
+        loop.train_step(session, step, phase)
+    device.synchronize()
+    warmup_s = time.perf_counter() - started
+    device.reset_peak_memory()
+    started = time.perf_counter()
+    for step in range(first_step + warmup, first_step + warmup + steps):
+        loss = loop.train_step(session, step, phase)
+    loss.item()  # one read-back, as the loop does at its logging interval
+    device.synchronize()
+    elapsed = time.perf_counter() - started
+    peak = device.peak_memory_bytes()
+    images = steps * session.config.train_batch_size
+    return images / elapsed, (peak / 2**30 if peak is not None else None), warmup_s
+
+
+def run_case(model: str, location: str, resolution: int, batch: int, optimizer: str, *, steps: int, warmup: int,
+             device: str, weight_type: str, compile_: bool | None, gradient_checkpointing: bool,
+             extra: dict | None = None) -> CaseResult:
+    from trainer import loop
+    from trainer.config import load_config
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        scratch = Path(scratch)
+        dataset = synthetic_dataset(scratch, max(8, batch), resolution)
+        per_phase = warmup + steps
+        config = load_config({
+            "lora_training_urls": str(scratch), "concept_mode": "object", "ckpt_path": location,
+            "resolution": resolution, "train_batch_size": batch, "unet_optimizer_type": optimizer,
+            "ti_optimizer": "prodigy" if optimizer == "prodigy" else "adamw", "max_train_steps": 2 * per_phase,
+            "freeze_ti_after_completion_f": 0.5, "checkpointing_steps": 0, "n_sample_imgs": 0, "device": device,
+            "weight_type": weight_type, "torch_compile": compile_, "gradient_checkpointing": gradient_checkpointing,
+            "output_dir": str(scratch / "runs"), "seed": 0, "caption_model": "no_caption", **(extra or {}),
+        })
+        session, _ = loop.setup(config, dataset=dataset)
+        session.latents.build_cache()
+        if config.offload_idle_modules:
+            loop.offload_idle(session, True)
+        ti_rate, ti_peak, warmup_ti = _timed_steps(session, 0, warmup, steps)
+        pivot_rate, pivot_peak, warmup_pivot = _timed_steps(session, session.schedule.ti_end, warmup, steps)
+        result = CaseResult(
+            model=model, resolution=resolution, batch=batch, optimizer=optimizer,
+            compiled=bool(config.torch_compile if config.torch_compile is not None
+                          else session.device.supports_compile),
+            gradient_checkpointing=gradient_checkpointing, ti_images_per_s=ti_rate, ti_peak_gib=ti_peak,
+            pivot_images_per_s=pivot_rate, pivot_peak_gib=pivot_peak,
+            load_s=session.timings["model_load_s"], warmup_s=warmup_ti + warmup_pivot,
+        )
+        session.device.empty_cache()
+        del session
+        gc.collect()
+    return result
+
+
+def end_to_end(location: str, *, device: str, weight_type: str, steps: int | None, extra: dict | None = None) -> dict:
+    """The default job (Eden's defaults: 300 steps, 512 px, batch 4, 8 images) from an image folder to the zip."""
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
+        scratch = Path(scratch)
+        images = scratch / "images"
+        images.mkdir()
+        rng = np.random.default_rng(1)
+        for index in range(8):
+            Image.fromarray(rng.integers(0, 255, (640, 512, 3), dtype=np.uint8)).save(images / f"{index}.jpg")
+        settings = {"lora_training_urls": str(images), "concept_mode": "object", "ckpt_path": location,
+                    "device": device, "weight_type": weight_type, "caption_model": "no_caption",
+                    "output_dir": str(scratch / "runs"), "seed": 0, **(extra or {})}
+        if steps is not None:
+            settings["max_train_steps"] = steps
+        config = load_config(settings)
+        started = time.perf_counter()
+        result = train(config)
+        total = time.perf_counter() - started
+    return {"steps": result.steps, "total_s": total, **{k: round(v, 3) for k, v in result.timings.items()}}
+
+
+def environment(device: str) -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    from trainer.device import setup_device
+
+    info = setup_device(device, "fp32")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"device": info.describe().rsplit(",", 1)[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "commit": commit, "date": time.strftime("%Y-%m-%d")}
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        f"Device: {env['device']}; torch {env['torch']}, diffusers {env['diffusers']}, commit {env['commit']}, "
+        f"{env['date']}. Command: `{report['command']}`",
+        "",
+        "| model | px | batch | optimizer | compiled | TI img/s | TI peak GiB | after pivot img/s | "
+        "after pivot peak GiB | load s | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def gib(value):
+        return f"{value:.1f}" if value is not None else "-"
+
+    for case in report["cases"]:
+        lines.append(
+            f"| {case['model']} | {case['resolution']} | {case['batch']} | {case['optimizer']} | "
+            f"{'yes' if case['compiled'] else 'no'} | {case['ti_images_per_s']:.2f} | {gib(case['ti_peak_gib'])} | "
+            f"{case['pivot_images_per_s']:.2f} | {gib(case['pivot_peak_gib'])} | {case['load_s']:.1f} | "
+            f"{case['warmup_s']:.1f} |"
+        )
+    if report.get("end_to_end"):
+        e2e = report["end_to_end"]
+        lines += ["", f"End to end (default job, {e2e['steps']} steps, sources to zip): {e2e['total_s']:.1f} s "
+                      f"(model load {e2e.get('model_load_s', 0):.1f} s, data {e2e.get('data_prep_s', 0):.1f} s, "
+                      f"training loop {e2e.get('train_loop_s', 0):.1f} s)"]
+    return "\n".join(lines)
+
+
+PRESETS = {
+    # The documented low-memory preset (16 GiB class cards such as the Intel Arc A770): recomputed activations,
+    # text encoders and VAE off the device once their outputs are cached, 8-bit AdamW where bitsandbytes runs.
+    "low-memory": {"gradient_checkpointing": True, "offload_idle_modules": True},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sdxl", choices=[*REAL_MODELS, *TINY_MODELS])
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "prodigy"], choices=["adamw", "prodigy",
+                                                                                         "AdamW8bit"])
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per phase")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per phase (compilation happens here)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--weight-type", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument("--end-to-end", action="store_true", help="also time the default job from images to zip")
+    parser.add_argument("--e2e-steps", type=int, default=None, help="steps of the end-to-end job (default 300)")
+    parser.add_argument("--output", type=Path, default=Path("benchmark-results.json"))
+    args = parser.parse_args(argv)
+
+    from trainer.device import select_device
+    from trainer.models.loading import model_cache_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    compile_ = {"auto": None, "on": True, "off": False}[args.compile]
+    extra = dict(PRESETS.get(args.preset, {}))
+    build_device = select_device(args.device)
+    location = model_location(args.model, model_cache_dir(), build_device)
+    report = {"command": "python -m trainer benchmark " + " ".join(argv or __import__("sys").argv[1:]),
+              "environment": environment(args.device), "cases": [], "end_to_end": None}
+    for resolution in args.resolutions:
+        for batch in args.batches:
+            for optimizer in args.optimizers:
+                logger.info("case: %s %d px, batch %d, %s", args.model, resolution, batch, optimizer)
+                case = run_case(args.model, location, resolution, batch, optimizer, steps=args.steps,
+                                warmup=args.warmup, device=args.device, weight_type=args.weight_type,
+                                compile_=compile_, gradient_checkpointing=args.gradient_checkpointing,
+                                extra=extra)
+                report["cases"].append(asdict(case))
+                args.output.write_text(json.dumps(report, indent=2))
+    if args.end_to_end:
+        # The tiny models keep the default job's shape (8 images, batch 4, samples) at their own 64 px scale.
+        tiny = {"resolution": 64, "validation_num_inference_steps": 2} if args.model in TINY_MODELS else {}
+        report["end_to_end"] = end_to_end(location, device=args.device, weight_type=args.weight_type,
+                                          steps=args.e2e_steps, extra={**extra, **tiny})
+    args.output.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+    return 0
