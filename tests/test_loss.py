@@ -73,6 +73,21 @@ def test_l1_is_the_mean_absolute_weight():
     assert lora_l1(params).item() == pytest.approx((12 + 4) / 10)
 
 
+def test_l1_gradient_matches_autograd():
+    from trainer.loss import add_l1_gradient
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 3, generator=generator, requires_grad=True) for _ in range(3)]
+    params[1].data[0, 0] = 0.0  # the subgradient at 0 is 0 for both
+    (0.7 * lora_l1(params)).backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    add_l1_gradient(params, 0.7)
+    for p, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, want)
+
+
 def test_covariance_loss_is_small_inside_the_distribution_and_large_outside():
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(5000, 8, generator=generator) * torch.linspace(0.5, 2.0, 8)

@@ -35,6 +35,7 @@ from trainer.export.files import SAVE_DTYPES, safe_name
 from trainer.inference import sampling
 from trainer.loss import (
     TokenAttentionProbe,
+    add_l1_gradient,
     conditioning_loss,
     denoising_loss,
     lora_l1,
@@ -203,6 +204,7 @@ class Session:
     groups: list[ParamGroup]
     tokens: NewTokens | None
     unet_lora_params: list[torch.nn.Parameter]
+    """The LoRA matrices (A and B) of the UNet: what the L1 penalty acts on (not DoRA magnitudes)."""
     te_lora: bool
     text: PromptEncoder
     latents: LatentSource
@@ -321,8 +323,8 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     alpha = config.lora_rank * config.lora_alpha_multiplier
     unet_lora_params: list[torch.nn.Parameter] = []
     if config.is_lora:
-        unet_lora_params = lora_adapters.add_unet_lora(models.unet, config.lora_rank, alpha, config.use_dora)
-        unet_params = unet_lora_params
+        unet_params = lora_adapters.add_unet_lora(models.unet, config.lora_rank, alpha, config.use_dora)
+        unet_lora_params = [p for n, p in models.unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
     else:
         models.unet.requires_grad_(True)
         unet_params = list(models.unet.parameters())
@@ -557,7 +559,10 @@ def compute_loss(session: Session, batch: Batch, micro_step: int, phase: Phase) 
     loss = denoising_loss(model_pred, target, mask=masks, weights=weights)
 
     if config.l1_penalty > 0 and session.unet_lora_params and phase.unet:
-        loss = loss + config.l1_penalty * lora_l1(session.unet_lora_params)
+        # The value joins the logged loss; its gradient is added in optimizer_step (see add_l1_gradient).
+        with torch.no_grad():
+            penalty = config.l1_penalty * lora_l1(session.unet_lora_params)
+        loss = loss + penalty
     if session.cov_stats and phase.ti:
         for (mean, inverse), parameter in zip(session.cov_stats, session.tokens.parameters(), strict=True):
             loss = loss + config.tok_cov_reg_w * token_covariance_loss(parameter, mean, inverse)
@@ -573,6 +578,8 @@ def compute_loss(session: Session, batch: Batch, micro_step: int, phase: Phase) 
 def optimizer_step(session: Session, phase: Phase) -> None:
     active = {"unet": phase.unet, "ti": phase.ti, "te_lora": phase.te_lora}
     session.dist.average_gradients([p for g in session.groups if active[g.name] for p in g.params])
+    if session.config.l1_penalty > 0 and phase.unet and session.unet_lora_params:
+        add_l1_gradient(session.unet_lora_params, session.config.l1_penalty)
     for group in session.groups:
         if active[group.name]:
             if session.config.max_grad_norm is not None:
