@@ -446,15 +446,14 @@ class TrainingConfig(BaseModel):
     @classmethod
     def _evaluation_scales(cls, value: list[float]) -> list[float]:
         if not value or any(not 0 < s < float("inf") for s in value) or len(set(value)) != len(value):
-            raise ValueError(f"evaluation_lora_scales must be distinct LoRA scales > 0 (for example [0.8, 1.0]), "
-                             f"got {value}")
+            raise ValueError("evaluation_lora_scales must be distinct LoRA scales > 0, for example [0.8, 1.0]")
         return value
 
     @field_validator("evaluation_images_per_prompt")
     @classmethod
     def _images_per_prompt(cls, value: int) -> int:
         if value < 1:
-            raise ValueError(f"evaluation_images_per_prompt must be >= 1, got {value}")
+            raise ValueError("evaluation_images_per_prompt must be >= 1 (images per prompt, checkpoint and scale)")
         return value
 
     @model_validator(mode="after")
