@@ -70,5 +70,29 @@ def load_lora_state_dict(module, state: dict[str, torch.Tensor]) -> None:
                          f"e.g. {unexpected[0]}): lora_rank, use_dora or the base model differ")
 
 
+@torch.no_grad()
+def dora_scales_for_export(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per DoRA module, the ``dora_scale`` [out, 1] that ComfyUI and A1111 need to rebuild the trained weight.
+
+    peft computes W' = m · (W + ΔW) / ‖W + ΔW‖ (row norms). Readers of kohya/LyCORIS files that decompose on the
+    output axis compute W' = (W + ΔW) · dora_scale / ‖W‖, with the norm of the *original* weight, so the file must
+    carry m · ‖W‖ / ‖W + ΔW‖ for the two to agree.
+    """
+    scales = {}
+    for name, module in model.named_modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not magnitudes or ADAPTER_NAME not in magnitudes:
+            continue
+        weight = module.get_base_layer().weight.float()
+        lora_a = module.lora_A[ADAPTER_NAME].weight.float()
+        lora_b = module.lora_B[ADAPTER_NAME].weight.float()
+        delta = (lora_b @ lora_a) * module.scaling[ADAPTER_NAME]
+        magnitude = magnitudes[ADAPTER_NAME].weight.float().reshape(-1, 1)
+        base_norm = weight.norm(dim=1, keepdim=True)
+        new_norm = (weight + delta).norm(dim=1, keepdim=True)
+        scales[name] = (magnitude * base_norm / new_norm).cpu()
+    return scales
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in module.named_parameters() if "lora_" in name]

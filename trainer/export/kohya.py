@@ -44,12 +44,12 @@ def _split_peft_key(key: str) -> tuple[str, str]:
 
 def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, *,
                   sgm_layers_per_block: int | None = None, dtype: torch.dtype = torch.float16,
-                  text_encoder: bool = False) -> dict[str, torch.Tensor]:
+                  text_encoder: bool = False, dora_scales: dict[str, torch.Tensor] | None = None,
+                  ) -> dict[str, torch.Tensor]:
     """Convert a peft adapter state dict of one model to kohya keys under ``prefix`` with the true ``alpha``.
 
-    DoRA magnitudes (peft's per-output-row ``lora_magnitude_vector``) are written as ``dora_scale`` with shape
-    [out, 1]: diffusers maps it back to the magnitude, and readers that decompose along the output axis (ComfyUI
-    detects the axis from the shape) apply it as trained.
+    DoRA modules get ``dora_scale`` [out, 1] from ``dora_scales`` (see ``dora_scales_for_export``): the value with
+    which ComfyUI and A1111, decomposing on the output axis, rebuild exactly the trained weight.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -69,7 +69,9 @@ def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, *,
         elif part == "lora_B":
             out[f"{base}.lora_up.weight"] = value.to(dtype).contiguous()
         else:
-            out[f"{base}.dora_scale"] = value.reshape(-1, 1).to(dtype).contiguous()
+            if dora_scales is None or module not in dora_scales:
+                raise ValueError(f"DoRA module {module} needs its export scale (dora_scales_for_export)")
+            out[f"{base}.dora_scale"] = dora_scales[module].to(dtype).contiguous()
     return out
 
 
