@@ -33,9 +33,14 @@ def test_cpu_and_auto_on_a_cpu_machine(no_accelerators):
 )
 def test_auto_prefers_cuda_then_xpu_then_mps_then_cpu(monkeypatch, available, expected):
     monkeypatch.setattr(dev, "cuda_available", lambda: available["cuda"])
+    monkeypatch.setattr(dev, "cuda_device_count", lambda: 2 if available["cuda"] else 0)
     monkeypatch.setattr(dev, "xpu_available", lambda: available["xpu"])
+    monkeypatch.setattr(dev, "xpu_device_count", lambda: 2 if available["xpu"] else 0)
     monkeypatch.setattr(dev, "mps_available", lambda: available["mps"])
     assert dev.select_device("auto").type == expected
+    if expected in ("cuda", "xpu"):
+        # Each process of a multi-GPU run takes the GPU of its local rank.
+        assert dev.select_device("auto", local_rank=1) == torch.device(expected, 1)
 
 
 def test_explicit_index_is_kept_when_present(monkeypatch):

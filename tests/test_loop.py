@@ -121,7 +121,7 @@ def test_lora_metadata_for_a1111_and_comfyui(trained_sdxl):
 
 def test_sdxl_crop_conditioning_mirrors_with_the_flip(tmp_path):
     from trainer.data.manifest import PreparedDataset, Sample
-    from trainer.loop import sdxl_time_ids
+    from trainer.session import sdxl_time_ids
 
     sample = Sample(image="a.png", caption="TOK", target_size=(64, 64), original_size=(300, 200),
                     crop_top_left=(4, 10), resized_size=(96, 100))

@@ -57,10 +57,10 @@ def test_eden_pretrained_model_dicts(tmp_path, cache):
 
 
 def test_bad_sources_explain_themselves(tmp_path, cache):
-    with pytest.raises(ValueError, match=r"is not an existing file or folder, an http\\(s\\) URL or a hub id"):
+    with pytest.raises(ValueError, match=r"is not an existing file or folder, an http\(s\) URL or a hub id"):
         resolve_source("./no/such/model", None, None, cache)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"is a folder but not a diffusers model \\(model_index.json is missing\\)"):
+    with pytest.raises(ValueError, match=r"is a folder but not a diffusers model \(model_index.json is missing\)"):
         resolve_source(str(tmp_path / "empty"), None, None, cache)
     text = tmp_path / "notes.txt"
     text.write_text("hi")

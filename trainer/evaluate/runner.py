@@ -180,7 +180,7 @@ def _dataset_paths(dataset) -> tuple[list[Path], tuple[int, int] | None]:
 
 
 def _default_size(training_args: dict, pipeline, train_hw: tuple[int, int] | None) -> tuple[int, int]:
-    """(width, height) of the run's sample images: the same rule as ``trainer.loop.sample_size``."""
+    """(width, height) of the run's sample images: the same rule as ``trainer.outputs.sample_size``."""
     from trainer.data.sizes import size_for_aspect
 
     configured = training_args.get("validation_img_size")
@@ -501,7 +501,7 @@ def evaluate_after_training(session) -> dict[str, Path]:
     A failure is logged with its reason and leaves the run without an evaluation rather than without its zip: the
     trained LoRA matters more than its scores, and ``python -m trainer evaluate RUN`` can redo them.
     """
-    from trainer.loop import sample_size
+    from trainer.outputs import sample_size
 
     config = session.config
     height, width = sample_size(session)

@@ -1,0 +1,127 @@
+"""What a run leaves behind: checkpoints with the exported files and samples, and the zip."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.errors import TrainingDiverged
+from trainer.export.bundle import ExportSpec, usage_readme, write_export, write_zip
+from trainer.export.files import SAVE_DTYPES, safe_name
+from trainer.inference import sampling
+from trainer.session import Session, offload_idle, training_state
+
+logger = logging.getLogger(__name__)
+
+LOSS_CSV = "loss.csv"
+LOSS_PNG = "loss.png"
+
+
+def export_spec(session: Session) -> ExportSpec:
+    config = session.config
+    return ExportSpec(
+        name=safe_name(config.name),
+        version=session.models.version,
+        rank=config.lora_rank,
+        alpha=config.lora_rank * config.lora_alpha_multiplier,
+        te_rank=config.text_encoder_lora_rank,
+        te_alpha=float(config.text_encoder_lora_rank),
+        resolution=session.dataset.target_sizes[0],
+        n_images=len(session.dataset),
+        captions=[s.caption for s in session.dataset.samples],
+        base_model=session.models.source.describe(),
+        token_dict=config.token_dict if session.tokens else {config.trigger: config.trigger},
+        tokens=config.inserting_list_tokens if session.tokens else [],
+        training_args=config.to_json_dict(),
+        save_dtype=SAVE_DTYPES[config.save_dtype],
+    )
+
+
+def sample_size(session: Session) -> tuple[int, int]:
+    from trainer.data.sizes import size_for_aspect
+
+    config, models = session.config, session.models
+    train_h, train_w = session.dataset.target_sizes[0]
+    if isinstance(config.validation_img_size, list):
+        return config.validation_img_size[1], config.validation_img_size[0]
+    native = models.unet.config.sample_size * models.vae_scale_factor
+    side = config.validation_img_size or max(native, int(math.sqrt(train_h * train_w)))
+    return size_for_aspect(side, train_w / train_h, multiple=models.unet_size_multiple)
+
+
+def render_samples(session: Session, folder: Path, step: int) -> Path | None:
+    config = session.config
+    if config.n_sample_imgs == 0:
+        return None
+    models = session.models
+    prompts = sampling.sample_prompts(config.concept_mode, config.n_sample_imgs, config.validation_prompts,
+                                      config.negative_validation_prompts)
+    if config.prompt_modifier:
+        prompts = [(f"{p}, {config.prompt_modifier}", n) for p, n in prompts]
+    was_training = models.unet.training
+    models.unet.eval()
+    if config.offload_idle_modules:
+        offload_idle(session, False)
+    try:
+        pipeline = models.pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        if config.enable_cpu_offload_during_validation and session.device.backend != "cpu":
+            pipeline.enable_model_cpu_offload(device=session.device.device)
+        with session.device.autocast():
+            images = sampling.render(
+                pipeline, prompts, trigger=config.trigger, token_string=session.token_string,
+                size_hw=sample_size(session), steps=config.validation_num_inference_steps,
+                guidance=config.validation_guidance_scale, lora_scale=config.sample_imgs_lora_scale or 1.0,
+                seed=session.seed, device=session.device.device, lora_active=config.is_lora,
+            )
+    finally:
+        models.unet.train(was_training)
+        if config.offload_idle_modules:
+            offload_idle(session, True)
+    return sampling.save_samples(images, prompts, folder / "samples", f"step-{step:06d}")
+
+
+def save_checkpoint(session: Session, step: int, with_samples: bool) -> Path:
+    if not session.dist.is_main:
+        session.dist.barrier()
+        return ckpt.checkpoint_dir(session.run_dir, step)
+
+    def write_files(folder: Path) -> None:
+        _check_finite_parameters(session, step)
+        write_export(
+            folder, export_spec(session), unet=session.models.unet, text_encoders=session.models.text_encoders,
+            token_rows=session.tokens.rows() if session.tokens else None, unet_lora=session.config.is_lora,
+            te_lora=session.te_lora, full_unet=not session.config.is_lora,
+        )
+        if with_samples:
+            render_samples(session, folder, step)
+
+    try:
+        return ckpt.write_checkpoint(session.run_dir, step, write_files, training_state(session, step),
+                                     session.config.max_checkpoints, protect={session.total_steps})
+    finally:
+        session.dist.barrier()
+
+
+def _check_finite_parameters(session: Session, step: int) -> None:
+    params = [p for g in session.groups for p in g.params]
+    norms = torch._foreach_norm(params)
+    if not torch.isfinite(torch.stack(norms)).all():
+        raise TrainingDiverged(
+            f"weights became NaN or infinite before step {step}; no checkpoint was written for it. "
+            "Lower unet_lr / ti_lr, set max_grad_norm, or use weight_type 'bf16' or 'fp32'."
+        )
+
+
+def build_zip(session: Session, final: Path, extras: dict[str, Path] | None = None) -> Path:
+    spec = export_spec(session)
+    extras = dict(extras or {})
+    extras.setdefault(LOSS_CSV, session.run_dir / LOSS_CSV)
+    extras.setdefault(LOSS_PNG, session.run_dir / LOSS_PNG)
+    readme = usage_readme(spec, has_lora=session.config.is_lora or session.te_lora,
+                          has_embeddings=session.tokens is not None, full_unet=not session.config.is_lora)
+    return write_zip(session.run_dir / f"{spec.name}.zip", final, extras, readme)
