@@ -1,0 +1,337 @@
+"""One training job behind cog's ``train()``: inputs to a validated config, the run, the zip, the optional upload.
+
+Everything a user can get wrong is checked in :func:`parse_training_request`, before any model is loaded or any
+image fetched, and reported as a ``ValueError`` whose message names the input and says what to do (cog reports it
+as the job's ``error``). The cog server validates inputs only when the image carries cog's generated schema, so
+nothing here relies on it: values may arrive as JSON strings, numbers or booleans of any of those types.
+
+Files live under the work folder (``TRAINER_WORK_DIR``, default ``<tmp>/sd-lora-trainer``): the run in
+``jobs/<id>/`` while it trains, the delivered zip in ``outputs/<id>/``. A job removes its run folder when it ends
+(the zip holds what is worth keeping) and leaves nothing when it fails or is cancelled. Each new job removes stale
+run folders and all but the last ``TRAINER_KEEP_OUTPUTS`` (default 3) zips, so a long-lived container does not fill
+its disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, unwrap_inputs, work_root
+from trainer.utils.s3 import S3Uri
+
+logger = logging.getLogger(__name__)
+
+ENV_KEEP_OUTPUTS = "TRAINER_KEEP_OUTPUTS"
+
+#: Inputs of ``train()`` that are not config keys.
+SERVICE_INPUTS = ("training_args", "output_uri", "input_images")
+#: Config keys the service sets itself; pasted ``training_args.json`` files carry them, so they are ignored.
+SERVICE_OWNED = ("output_dir", "start_time", "job_time")
+#: Config keys that would let a remote caller read or write the server's files.
+LOCAL_ONLY = {
+    "resume_from": "resuming reads a run folder on the server",
+    "model_cache_dir": "the model cache is the server's (TRAINER_MODEL_CACHE)",
+}
+
+
+# ============================================================================================== input values
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def parse_training_args(value: Any) -> dict[str, Any]:
+    """The ``training_args`` input: a JSON object (text) of config keys, or a dict when called directly."""
+    if _blank(value):
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, str):
+        raise ValueError(f"training_args must be a JSON object as text, got {type(value).__name__}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"training_args is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); give an "
+            'object such as {"unet_lr": 0.0005, "lora_rank": 8}'
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f'training_args must be a JSON object such as {{"lora_rank": 8}}, got a JSON '
+                         f"{type(parsed).__name__}")
+    return parsed
+
+
+# ============================================================================================== the request
+@dataclass
+class TrainingRequest:
+    config: Any
+    """The validated :class:`~trainer.config.TrainingConfig`."""
+    allow_local_sources: bool
+    destination: S3Uri | None = None
+
+
+def merge_inputs(inputs: Mapping[str, Any], defaults: Mapping[str, Any], training_args: Mapping[str, Any]
+                 ) -> dict[str, Any]:
+    """Config values from the explicit inputs and ``training_args``.
+
+    ``training_args`` may set any config key, including one that is also an input left at its default (so a
+    pasted ``training_args.json`` works). An input changed from its default and set differently in
+    ``training_args`` is a contradiction, reported rather than resolved silently.
+    """
+    data = {name: value for name, value in inputs.items() if name not in SERVICE_INPUTS and not _blank(value)}
+    # An empty caption prefix is a value of its own (the default), not a missing one.
+    if inputs.get("caption_prefix") == "":
+        data["caption_prefix"] = ""
+    problems = []
+    for key, value in training_args.items():
+        if key in SERVICE_INPUTS:
+            problems.append(f"{key} is an input of its own; set it there, not inside training_args")
+            continue
+        if key in SERVICE_OWNED:
+            logger.info("training_args: ignoring %s (set by the service)", key)
+            continue
+        given = inputs.get(key)
+        if key in inputs and not _blank(given) and not _same(given, defaults.get(key)) and not _same(given, value):
+            problems.append(
+                f"{key} is set both as an input ({inputs[key]!r}) and in training_args ({value!r}); set it in one "
+                "place"
+            )
+            continue
+        data[key] = value
+    if problems:
+        raise ValueError("; ".join(problems))
+    return data
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Without cog's schema the server passes JSON as sent: "300" and 300 are the same setting.
+    return a == b or (not isinstance(a, (dict, list)) and str(a).strip().lower() == str(b).strip().lower())
+
+
+def _check_sources(urls: Any, allow_local: bool) -> None:
+    from trainer.data.ingest.sources import parse_source, split_sources
+
+    for source in split_sources(urls):
+        ref = parse_source(source)
+        if ref.kind == "local" and not allow_local:
+            raise ValueError(
+                f"lora_training_urls: {source!r} is a local path, which this server does not read; give http(s):// "
+                "or s3:// URLs, or upload a zip as input_images"
+            )
+
+
+def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any]) -> TrainingRequest:
+    """Validate every input and build the config; raises ValueError with a message for the user."""
+    from trainer.config import load_config
+    from trainer.device import select_device
+    from trainer.models.loading import model_cache_dir, resolve_source
+
+    inputs = unwrap_inputs(inputs)
+    allow_local = env_flag(ENV_ALLOW_LOCAL)
+    training_args = parse_training_args(inputs.get("training_args"))
+    if not allow_local:
+        refused = [f"{key} ({why})" for key, why in LOCAL_ONLY.items() if not _blank(training_args.get(key))]
+        if refused:
+            raise ValueError("training_args may not set " + "; ".join(refused))
+    data = merge_inputs(inputs, defaults, training_args)
+
+    uploaded = []
+    input_images = inputs.get("input_images")
+    if not _blank(input_images):
+        if hasattr(input_images, "convert"):  # a cog URLPath whose download was deferred
+            input_images = input_images.convert()
+        if isinstance(input_images, str) and "://" in input_images:
+            raise ValueError("input_images is an uploaded file; give URLs in lora_training_urls instead")
+        path = Path(str(input_images))
+        if not path.is_file():
+            raise ValueError(f"input_images: the uploaded file {path.name!r} is missing on the server")
+        uploaded.append(path)
+    urls = data.get("lora_training_urls")
+    if _blank(urls) or (isinstance(urls, list) and not urls):
+        if not uploaded:
+            raise ValueError("no training images: give lora_training_urls (image or archive URLs, s3:// URIs) or "
+                             "upload a zip as input_images")
+        data["lora_training_urls"] = [str(p) for p in uploaded]
+    else:
+        _check_sources(urls, allow_local)
+        if uploaded:
+            from trainer.data.ingest.sources import split_sources
+
+            data["lora_training_urls"] = [*split_sources(urls), *(str(p) for p in uploaded)]
+
+    if _blank(data.get("concept_mode")):
+        raise ValueError("concept_mode is required: face, style or object")
+    if _blank(data.get("name")):
+        mode = data.get("concept_mode") if isinstance(data.get("concept_mode"), str) else "lora"
+        data["name"] = f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = load_config(data)
+
+    # Cheap checks of what would otherwise fail only after the data is prepared.
+    select_device(config.device)
+    resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, model_cache_dir())
+
+    destination = None
+    output_uri = inputs.get("output_uri")
+    if not _blank(output_uri):
+        destination = S3Uri.parse(str(output_uri), what="output_uri")
+        from trainer.utils.s3 import check_bucket, s3_client
+
+        check_bucket(s3_client(config.s3_endpoint_url, connect_timeout=5.0, read_timeout=15.0, retries=1),
+                     destination, "output_uri")
+    # Sources that are local files only because cog downloaded an upload are admitted; others were checked above.
+    return TrainingRequest(config=config, allow_local_sources=allow_local or bool(uploaded), destination=destination)
+
+
+def object_key(destination: S3Uri, file_name: str) -> S3Uri:
+    """``s3://b/prefix/`` or ``s3://b/prefix`` → ``prefix/<file>``; a key ending in ``.zip`` is used as it is."""
+    if destination.key.lower().endswith(".zip"):
+        return destination
+    prefix = destination.key.rstrip("/")
+    return S3Uri(destination.bucket, f"{prefix}/{file_name}" if prefix else file_name)
+
+
+# ============================================================================================== progress
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(event) -> str:
+    """``step 40/300 (13%), 2.10 steps/s, loss 0.1234, about 2m 04s left``."""
+    loss = f"{event.loss:.4f}" if event.loss is not None else "-"
+    return (f"step {event.step}/{event.total} ({event.fraction * 100:.0f}%), {event.steps_per_second:.2f} steps/s, "
+            f"loss {loss}, about {format_duration(event.eta_seconds)} left")
+
+
+# ============================================================================================== the job
+def _keep_outputs() -> int:
+    try:
+        return max(1, int(os.environ.get(ENV_KEEP_OUTPUTS, "3")))
+    except ValueError:
+        return 3
+
+
+class TrainingJob:
+    """Runs a validated request in a worker thread; cancellation leaves neither a zip nor an uploaded object."""
+
+    def __init__(self, request: TrainingRequest, root: Path | None = None) -> None:
+        self.request = request
+        self.root = Path(root) if root else work_root()
+        self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.job_dir = self.root / "jobs" / self.id
+        self.output_dir = self.root / "outputs" / self.id
+        self.stop = threading.Event()
+        self.zip_path: Path | None = None
+        self.uploaded: S3Uri | None = None
+        self._client = None
+        self._cleaning = False
+
+    # ------------------------------------------------------------------------------------------- running
+    def run(self) -> Path:
+        from trainer.loop import TrainingCancelled
+        from trainer.serving.cancel import run_cancellable
+
+        self._prune()
+        try:
+            return run_cancellable(self._work, stop=self.stop, interrupt_with=TrainingCancelled,
+                                   may_interrupt=lambda: not self._cleaning, name=f"training-{self.id}")
+        except BaseException:
+            # Also covers a cancellation that raced a finished job: its zip and upload must go too.
+            _retrying(self.discard)
+            raise
+
+    def _work(self) -> Path:
+        from trainer.loop import TrainingCancelled, train
+
+        config = self.request.config
+        try:
+            logger.info("training %s (%s, %s steps) in %s", config.name, config.concept_mode, config.max_train_steps,
+                        self.job_dir)
+            result = train(config, run_dir=self.job_dir / "run", should_stop=self.stop.is_set,
+                           on_progress=lambda event: logger.info("%s", progress_line(event)),
+                           allow_local_sources=self.request.allow_local_sources)
+            if self.stop.is_set() or result.zip_path is None:
+                raise TrainingCancelled("training was cancelled after its last step")
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.zip_path = self.output_dir / result.zip_path.name
+            os.replace(result.zip_path, self.zip_path)
+            shutil.rmtree(self.job_dir, ignore_errors=True)
+            if self.request.destination is not None:
+                self._upload()
+            if self.stop.is_set():
+                raise TrainingCancelled("training was cancelled during the upload")
+            logger.info("done: %s (%.1f MiB)", self.zip_path.name, self.zip_path.stat().st_size / 2**20)
+            return self.zip_path
+        except BaseException:
+            self._cleaning = True
+            _retrying(self.discard)
+            raise
+
+    def _upload(self) -> None:
+        from trainer.loop import TrainingCancelled
+        from trainer.utils.s3 import UploadCancelled, s3_client, upload_file
+
+        target = object_key(self.request.destination, self.zip_path.name)
+        self._client = s3_client(self.request.config.s3_endpoint_url)
+        logger.info("uploading %s to %s", self.zip_path.name, target)
+        try:
+            upload_file(self._client, self.zip_path, target, should_stop=self.stop.is_set)
+        except UploadCancelled:
+            raise TrainingCancelled("training was cancelled during the upload") from None
+        self.uploaded = target
+        logger.info("uploaded %s", target)
+
+    # ----------------------------------------------------------------------------------------- clean-up
+    def discard(self) -> None:
+        """Remove everything this job made: run folder, zip, uploaded object. Idempotent."""
+        self._cleaning = True
+        shutil.rmtree(self.job_dir, ignore_errors=True)
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+        self.zip_path = None
+        if self.uploaded is not None and self._client is not None:
+            from trainer.utils.s3 import delete_object
+
+            delete_object(self._client, self.uploaded)
+            self.uploaded = None
+
+    def _prune(self) -> None:
+        """Remove stale run folders and all but the newest outputs of earlier jobs."""
+        for folder in sorted((self.root / "jobs").glob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        outputs = sorted((self.root / "outputs").glob("*"))
+        for folder in outputs[: max(0, len(outputs) - (_keep_outputs() - 1))]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _retrying(action: Callable[[], None], attempts: int = 3) -> None:
+    # A second cancel request (or the interruption racing the job's own clean-up) can land inside the clean-up.
+    for _ in range(attempts):
+        try:
+            action()
+            return
+        except BaseException:  # whatever interrupted it, the clean-up must still run
+            continue
+
+
+def run_training_job(inputs: Mapping[str, Any], defaults: Mapping[str, Any]) -> Path:
+    """Validate, train and deliver; returns the zip. What ``train.py`` calls."""
+    from trainer.utils.logs import setup_logging
+
+    setup_logging()
+    request = parse_training_request(inputs, defaults)
+    return TrainingJob(request).run()
