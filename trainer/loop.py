@@ -234,8 +234,9 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
     current: Phase | None = None
     existing = ckpt.list_checkpoints(session.run_dir)
     last_good = existing[-1][1] if existing else None
+    # disable=None: a bar on a terminal, none in logs (cog's log stream gets on_progress lines instead).
     bar = tqdm(total=session.total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
-               disable=not dist.is_main)
+               disable=None if dist.is_main else True)
     loop_start = time.perf_counter()
     last_loss: float | None = None
     pending: list[tuple[int, torch.Tensor]] = []
