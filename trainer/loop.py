@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,8 +187,14 @@ def optimizer_step(session: Session, phase: Phase) -> None:
             if session.config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(group.params, session.config.max_grad_norm, foreach=True)
             group.optimizer.step()
+            group.scheduler.step()
+        else:
+            # A frozen group's schedule still follows the global step; PyTorch warns about stepping a scheduler
+            # whose optimiser has not stepped, which is intended here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                group.scheduler.step()
         group.optimizer.zero_grad(set_to_none=True)
-        group.scheduler.step()
 
 
 def enter_phase(session: Session, phase: Phase, step: int) -> None:
