@@ -84,3 +84,35 @@ def test_bad_requests_and_bundles(generator, tmp_path):
     with pytest.raises(ValueError, match="unsafe member path"):
         LoraBundle.open(evil, tmp_path / "y")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_dora_bundles_apply_exactly_and_restore_the_base(generator, tmp_path, model_cache):
+    import torch
+
+    from tests.helpers import make_concept_images, prepared_dataset, tiny_config
+    from trainer import loop
+
+    images = make_concept_images(tmp_path / "images", n=2)
+    config = tiny_config(images, tmp_path / "runs", model="tiny-sd15", use_dora=True, unet_lr=2e-2,
+                         max_train_steps=4, save_dtype="fp32")
+    session, _ = loop.setup(config, dataset=prepared_dataset(images, tmp_path))
+    result = loop.run(session, make_zip=False)
+    bundle = LoraBundle.open(result.final_checkpoint)
+
+    latents, steps = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    text = torch.randn(1, 77, 32)
+    session.models.unet.eval()
+    with torch.no_grad():
+        trained = session.models.unet(latents, steps, text).sample
+    generator.load_base(bundle.base_source(tmp_path))
+    with torch.no_grad():
+        base = generator.pipeline.unet(latents, steps, text).sample
+    generator.activate(bundle)
+    generator.generate(_request(width=64, height=64))  # merges at lora_scale 1.0
+    with torch.no_grad():
+        merged = generator.pipeline.unet(latents, steps, text).sample
+    torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-5)
+    generator.deactivate()
+    with torch.no_grad():
+        restored = generator.pipeline.unet(latents, steps, text).sample
+    assert torch.equal(restored, base)

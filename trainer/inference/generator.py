@@ -17,6 +17,7 @@ from PIL import Image
 from trainer.data.captions import replace_trigger
 from trainer.device import DeviceInfo, setup_device
 from trainer.inference.bundle import LoraBundle
+from trainer.inference.dora import MergedDora, has_dora
 from trainer.models.loading import ModelSource, load_models, model_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Generator:
         self.base_source: ModelSource | None = None
         self.base_unet = None
         self.active: LoraBundle | None = None
+        self.dora: MergedDora | None = None
         self._default_scheduler_config = None
 
     # ---------------------------------------------------------------------------------------------- models
@@ -88,7 +90,7 @@ class Generator:
                     self.device.device
                 )
             if bundle.lora is not None:
-                pipe.load_lora_weights(str(bundle.lora.parent), weight_name=bundle.lora.name, adapter_name=ADAPTER)
+                self._load_lora(bundle)
             if bundle.embeddings is not None:
                 self._load_embeddings(bundle)
         except Exception:
@@ -97,6 +99,21 @@ class Generator:
             raise
         self.active = bundle
         logger.info("activated %s", bundle.folder.name)
+
+    def _load_lora(self, bundle: LoraBundle) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(bundle.lora))
+        if not has_dora(state):
+            self.pipeline.load_lora_weights(str(bundle.lora.parent), weight_name=bundle.lora.name, adapter_name=ADAPTER)
+            return
+        # DoRA: the UNet part is merged exactly (diffusers would drop the magnitudes); text-encoder LoRA stays an
+        # ordinary adapter.
+        text_part = {k: v for k, v in state.items() if k.startswith("lora_te")}
+        if text_part:
+            self.pipeline.load_lora_weights(text_part, adapter_name=ADAPTER)
+        unet_part = {k: v for k, v in state.items() if not k.startswith("lora_te")}
+        self.dora = MergedDora(self.pipeline.unet, self.version, unet_part)
 
     def _load_embeddings(self, bundle: LoraBundle) -> None:
         from safetensors.torch import load_file
@@ -119,6 +136,9 @@ class Generator:
             return
         if ADAPTER in _adapter_names(pipe):
             pipe.delete_adapters(ADAPTER)
+        if self.dora is not None:
+            self.dora.restore()
+            self.dora = None
         if bundle.tokens:
             encoders = [(pipe.tokenizer, pipe.text_encoder)]
             if self.version == "sdxl":
@@ -162,6 +182,8 @@ class Generator:
         kwargs = {}
         if self.active is not None and self.active.lora is not None:
             kwargs["cross_attention_kwargs"] = {"scale": request.lora_scale}
+        if self.dora is not None:
+            self.dora.apply(request.lora_scale)
         with self.device.autocast():
             result = self.pipeline(
                 prompt=self.prompt_text(request.prompt),
