@@ -31,6 +31,18 @@ socket.socket.connect = _loopback_only_connect
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3-compatible server on 127.0.0.1, reached through boto3 like any S3 store."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """Model cache shared by the whole session: tiny fixtures are built once.
 

@@ -99,18 +99,6 @@ def http_server():
 
 
 # ---------------------------------------------------------------------------------------------------- S3 server
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's standalone S3-compatible server on 127.0.0.1, reached through boto3 like any S3 store."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def aws_env(monkeypatch, tmp_path):
     """Test credentials in the environment, and no shared AWS files or instance metadata to fall back on."""

@@ -11,24 +11,15 @@ from pathlib import Path
 
 import torch
 
-from trainer.models.tokenizer import write_clip_tokenizer
+from trainer.models.tokenizer import bytes_to_unicode, write_clip_tokenizer
 
 #: The word the tiny captioners say, whatever they see.
 CAPTION_WORD = "zebra"
 
 
 def _byte_symbols() -> list[str]:
-    # GPT-2's byte -> printable character table (BART's byte-level BPE alphabet).
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
+    # GPT-2's byte -> printable character table is BART's byte-level BPE alphabet too.
+    return list(bytes_to_unicode().values())
 
 
 def build_clipseg(folder: Path) -> Path:

@@ -60,15 +60,9 @@ def file_server(images_zip):
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """moto's standalone S3-compatible server on 127.0.0.1: the cog server's worker reaches it through boto3."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+def s3_server(s3_endpoint):
+    """The shared moto S3 server (tests/conftest.py): the cog server's worker reaches it through boto3."""
+    return s3_endpoint
 
 
 @pytest.fixture

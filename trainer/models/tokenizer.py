@@ -29,7 +29,7 @@ def bpe_path() -> Path:
     return path
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     # GPT-2's reversible byte -> printable-character table, which CLIP's vocabulary is built on.
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -47,7 +47,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     with gzip.open(bpe_path()) as handle:
         lines = handle.read().decode("utf-8").split("\n")
     merges = lines[1 : N_MERGES + 1]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     vocab_list += ["".join(merge.split()) for merge in merges]
     vocab_list += [BOS, EOS]
