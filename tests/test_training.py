@@ -111,7 +111,7 @@ def test_cached_and_uncached_training_agree(images, dataset, tmp_path, model_cac
     loop.run(cached, make_zip=False)
     assert cached.text.cached and cached.latents.latents
     plain, _ = _session(images, dataset, tmp_path / "p", cache_vae_outputs=False, cache_text_encoder_outputs=False,
-                        **settings)
+                        dataloader_num_workers=2, **settings)
     loop.run(plain, make_zip=False)
     assert not plain.text.cached and not plain.latents.latents
     _assert_relative_error(_trained_values(cached), _trained_values(plain), 1e-3)

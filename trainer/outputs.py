@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ LOSS_PNG = "loss.png"
 
 def export_spec(session: Session) -> ExportSpec:
     config = session.config
+    config.job_time = time.time() - config.start_time  # Eden's field: run time so far, in the exported args
     return ExportSpec(
         name=safe_name(config.name),
         version=session.models.version,

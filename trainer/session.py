@@ -235,7 +235,8 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     time_ids = sdxl_time_ids(dataset, device.device) if models.is_sdxl else None
     vae_dtype = models.vae.dtype
     latents = LatentSource(dataset, models.vae, device.device, vae_dtype=vae_dtype, cache=config.cache_vae_outputs,
-                           flip=flip, use_masks=config.use_masks, scale_factor=models.vae_scale_factor)
+                           flip=flip, use_masks=config.use_masks, scale_factor=models.vae_scale_factor,
+                           workers=config.dataloader_num_workers)
     text = PromptEncoder(models.text_encoders, models.tokenizers, models.is_sdxl, device.device)
 
     probe = None

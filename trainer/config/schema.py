@@ -380,7 +380,8 @@ class TrainingConfig(BaseModel):
     """Allow TF32 matrix maths on NVIDIA Ampere and newer (faster, slightly less precise fp32)."""
 
     dataloader_num_workers: int = 0
-    """Worker processes that load images (0 loads in the main process; latents are cached anyway)."""
+    """Threads that decode images in parallel: for the latent cache, and every step when `cache_vae_outputs` is off.
+    0 decodes in the main thread."""
 
     logging_steps: int = 10
     """Read the loss back from the device (progress bar, CSV log, divergence check) every N steps."""

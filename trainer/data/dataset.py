@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +95,7 @@ class LatentSource:
     """Latents (and latent-size masks) for a batch: from the cache, or encoded on the fly."""
 
     def __init__(self, dataset: PreparedDataset, vae, device, *, vae_dtype: torch.dtype, cache: bool, flip: bool,
-                 use_masks: bool, scale_factor: int, encode_batch: int = 4):
+                 use_masks: bool, scale_factor: int, encode_batch: int = 4, workers: int = 0):
         self.dataset = dataset
         self.vae = vae
         self.device = device
@@ -104,6 +105,8 @@ class LatentSource:
         self.flip = flip
         self.cache_enabled = cache
         self.encode_batch = encode_batch
+        # Image decoding releases the GIL, so threads load a batch's images in parallel.
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load") if workers > 0 else None
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.masks: dict[tuple[int, bool], torch.Tensor] = {}
         scaling = vae.config.scaling_factor
@@ -132,7 +135,7 @@ class LatentSource:
         for group in by_size.values():
             for start in range(0, len(group), self.encode_batch):
                 chunk = group[start : start + self.encode_batch]
-                pixels = torch.stack([load_pixels(self.dataset.image_path(i), f) for i, f in chunk])
+                pixels = self._load(chunk)
                 for key, latent in zip(chunk, self._encode(pixels), strict=True):
                     self.latents[key] = latent
                 if progress is not None:
@@ -141,6 +144,12 @@ class LatentSource:
             for index, flip in keys:
                 self.masks[(index, flip)] = self._mask(index, flip)
         logger.info("cached %d latents", len(self.latents))
+
+    def _load(self, keys: list[tuple[int, bool]]) -> torch.Tensor:
+        def one(key: tuple[int, bool]) -> torch.Tensor:
+            return load_pixels(self.dataset.image_path(key[0]), key[1])
+
+        return torch.stack(list(self.pool.map(one, keys)) if self.pool is not None else [one(k) for k in keys])
 
     def _mask(self, index: int, flip: bool) -> torch.Tensor:
         path = self.dataset.mask_path(index)
@@ -153,8 +162,7 @@ class LatentSource:
         if self.cache_enabled:
             latents = torch.stack([self.latents[key] for key in keys])
         else:
-            pixels = torch.stack([load_pixels(self.dataset.image_path(i), f) for i, f in keys])
-            latents = self._encode(pixels)
+            latents = self._encode(self._load(keys))
         masks = None
         if self.use_masks:
             if self.cache_enabled:
