@@ -124,6 +124,7 @@ def build_zip(session: Session, final: Path, extras: dict[str, Path] | None = No
     extras = dict(extras or {})
     extras.setdefault(LOSS_CSV, session.run_dir / LOSS_CSV)
     extras.setdefault(LOSS_PNG, session.run_dir / LOSS_PNG)
+    extras.setdefault("dataset_preview.jpg", session.run_dir / "dataset_preview.jpg")
     readme = usage_readme(spec, has_lora=session.config.is_lora or session.te_lora,
                           has_embeddings=session.tokens is not None, full_unet=not session.config.is_lora)
     return write_zip(session.run_dir / f"{spec.name}.zip", final, extras, readme)

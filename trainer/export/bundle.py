@@ -12,6 +12,7 @@ The zip holds, at its top level:
 | ``unet/`` | full UNet weights instead of a LoRA when ``is_lora`` is false |
 | ``samples/`` | sample images and their grid |
 | ``loss.csv``, ``loss.png`` | the loss log and plot |
+| ``dataset_preview.jpg`` | contact sheet of the prepared training images (crops, captions, masks) |
 | ``evaluation/`` | checkpoint scores, when ``evaluate_checkpoints`` is on |
 """
 
