@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.errors import ArchiveError, DataError
-from trainer.data.ingest.budget import ByteBudget, copy_capped, human_bytes
+from trainer.data.ingest.budget import ByteBudget, copy_capped
 from trainer.data.ingest.safety import UnsafePath, printable, resolve_inside, safe_relative_path, unique_path
 from trainer.data.limits import DataLimits
 from trainer.data.report import PrepReport
+from trainer.utils.download import human_size
 
 #: File names that are unpacked when found inside a source (a nested ``.docx`` is a zip too, but not ours).
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".gz", ".tbz2", ".tbz", ".tar.bz2", ".bz2", ".txz",
@@ -97,7 +98,7 @@ def _extract_zip(path: Path, dest: Path, label: str, ctx: ExtractContext) -> Non
         declared = sum(info.file_size for info in files)
         if declared > ctx.budget.left:
             raise ArchiveError(
-                f"{label}: unpacks to {human_bytes(declared)}, over the limit of {human_bytes(ctx.budget.left)} "
+                f"{label}: unpacks to {human_size(declared)}, over the limit of {human_size(ctx.budget.left)} "
                 "left for the training data (a zip bomb, or far too many images)"
             )
         for info in files:
@@ -124,7 +125,7 @@ def _extract_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: P
         ratio = info.file_size / max(info.compress_size, 1)
         if ratio > limits.max_compression_ratio:
             raise ArchiveError(
-                f"{item}: compressed {ratio:.0f}:1 to {human_bytes(info.file_size)}, over the ratio limit of "
+                f"{item}: compressed {ratio:.0f}:1 to {human_size(info.file_size)}, over the ratio limit of "
                 f"{limits.max_compression_ratio:.0f}:1 (a zip bomb); the archive is refused"
             )
     target = _prepare_target(dest, relative, item, ctx)
@@ -190,13 +191,13 @@ def _extract_tar(path: Path, kind: str, dest: Path, label: str, ctx: ExtractCont
                 declared += max(member.size, 0)
                 if declared > start_left:
                     raise ArchiveError(
-                        f"{label}: unpacks to more than the {human_bytes(start_left)} left for the training data "
+                        f"{label}: unpacks to more than the {human_size(start_left)} left for the training data "
                         "(a tar bomb, or far too many images)"
                     )
                 if declared >= limits.ratio_check_min_bytes and declared / packed > limits.max_compression_ratio:
                     raise ArchiveError(
                         f"{label}: unpacks to over {limits.max_compression_ratio:.0f} times its packed size "
-                        f"({human_bytes(declared)} from {human_bytes(packed)}), a tar bomb; the archive is refused"
+                        f"({human_size(declared)} from {human_size(packed)}), a tar bomb; the archive is refused"
                     )
                 _extract_tar_member(archive, member, dest, label, ctx)
         except DataError:

@@ -7,16 +7,9 @@ from typing import BinaryIO
 
 from trainer.data.errors import DataError
 from trainer.data.limits import DataLimits
+from trainer.utils.download import human_size
 
 CHUNK = 1 << 20
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class ByteBudget:
@@ -34,8 +27,8 @@ class ByteBudget:
         """Refuse ``n`` more bytes before writing them (declared sizes)."""
         if n > self.left:
             raise DataError(
-                f"{item}: {human_bytes(n)} more would take the training data over its limit of "
-                f"{human_bytes(self.limit)} in total; use fewer or smaller images"
+                f"{item}: {human_size(n)} more would take the training data over its limit of "
+                f"{human_size(self.limit)} in total; use fewer or smaller images"
             )
 
     def add(self, n: int, item: str) -> None:
@@ -57,7 +50,7 @@ def copy_capped(src: BinaryIO, target: Path, *, budget: ByteBudget, item: str, m
                 break
             written += len(chunk)
             if written > max_bytes:
-                raise DataError(f"{item}: the {what} is larger than the limit of {human_bytes(max_bytes)}")
+                raise DataError(f"{item}: the {what} is larger than the limit of {human_size(max_bytes)}")
             budget.add(len(chunk), item)
             handle.write(chunk)
     return written

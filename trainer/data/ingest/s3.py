@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.errors import DataError, SourceError
-from trainer.data.ingest.budget import ByteBudget, copy_capped, human_bytes
+from trainer.data.ingest.budget import ByteBudget, copy_capped
 from trainer.data.ingest.safety import (
     UnsafePath,
     printable,
@@ -26,7 +26,7 @@ from trainer.data.ingest.safety import (
 from trainer.data.ingest.sources import SourceRef
 from trainer.data.limits import DataLimits
 from trainer.data.report import PrepReport
-from trainer.utils.download import redact_url
+from trainer.utils.download import human_size, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +217,8 @@ class S3Fetcher:
         total = sum(size for _, size in keys)
         if total > self.budget.left:
             raise SourceError(
-                f"training source {label}: {human_bytes(total)} under the prefix, over the "
-                f"{human_bytes(self.budget.left)} left for the training data"
+                f"training source {label}: {human_size(total)} under the prefix, over the "
+                f"{human_size(self.budget.left)} left for the training data"
             )
         folder.mkdir(parents=True, exist_ok=True)
         for key, _size in keys:
@@ -245,8 +245,8 @@ class S3Fetcher:
         try:
             size = int(response.get("ContentLength") or 0)
             if size > self.limits.max_download_bytes:
-                raise SourceError(f"training source {label}: {human_bytes(size)} is over the limit of "
-                                  f"{human_bytes(self.limits.max_download_bytes)}")
+                raise SourceError(f"training source {label}: {human_size(size)} is over the limit of "
+                                  f"{human_size(self.limits.max_download_bytes)}")
             copy_capped(body, target, budget=self.budget, item=label, max_bytes=self.limits.max_download_bytes,
                         what="object")
         except SourceError:
