@@ -1,19 +1,19 @@
 """S3 objects outside the training data: the zip uploaded to ``output_uri`` and LoRA zips read by ``s3://`` URL.
 
-Endpoint and credentials follow the training data's rules (:mod:`trainer.data.ingest.s3`): ``AWS_ENDPOINT_URL_S3``
-or ``AWS_ENDPOINT_URL`` point to an S3-compatible store, addressed path-style; credentials come from boto3's
-standard chain. Messages name buckets and keys, never credentials.
+The client here serves the training data's ``s3://`` sources too (:mod:`trainer.data.ingest.s3`):
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` point to an S3-compatible store, addressed path-style; credentials
+come from boto3's standard chain. Messages name buckets and keys, never credentials.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.ingest.s3 import endpoint_url
 from trainer.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -55,9 +55,15 @@ class S3Uri:
         return cls(bucket, key)
 
 
+def endpoint_url(configured: str | None) -> str | None:
+    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client(endpoint: str | None = None, *, connect_timeout: float = 10.0, read_timeout: float = 60.0,
-              retries: int = 3):
+              retries: int = 3, unsigned: bool = False):
+    """A boto3 S3 client; ``unsigned`` reads public objects without credentials."""
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
     resolved = endpoint_url(endpoint)
@@ -69,6 +75,8 @@ def s3_client(endpoint: str | None = None, *, connect_timeout: float = 10.0, rea
     if resolved:
         # S3-compatible stores on a host or IP of their own do not serve bucket subdomains.
         options["s3"] = {"addressing_style": "path"}
+    if unsigned:
+        options["signature_version"] = UNSIGNED
     return boto3.session.Session().client("s3", endpoint_url=resolved, config=Config(**options))
 
 

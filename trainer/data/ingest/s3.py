@@ -9,7 +9,6 @@ and never botocore's raw text (which can echo request details).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from trainer.data.ingest.sources import SourceRef
 from trainer.data.limits import DataLimits
 from trainer.data.report import PrepReport
 from trainer.utils.download import human_size, redact_url
+from trainer.utils.s3 import endpoint_url, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ class S3Location:
         return cls(bucket, key)
 
 
-def endpoint_url(configured: str | None) -> str | None:
-    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
 class S3Fetcher:
     """One boto3 client for all S3 sources of a preparation (created on first use)."""
 
@@ -78,21 +74,10 @@ class S3Fetcher:
 
     # ------------------------------------------------------------------------------------------------ client
     def _make_client(self, unsigned: bool = False):
-        import boto3
-        from botocore import UNSIGNED
-        from botocore.config import Config
-
-        options: dict = {
-            "connect_timeout": self.limits.http_timeout[0],
-            "read_timeout": self.limits.http_timeout[1],
-            "retries": {"max_attempts": self.limits.http_retries + 1, "mode": "standard"},
-        }
-        if self.endpoint:
-            options["s3"] = {"addressing_style": "path"}
-        if unsigned:
-            options["signature_version"] = UNSIGNED
         try:
-            return boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=Config(**options))
+            return s3_client(self.endpoint, connect_timeout=self.limits.http_timeout[0],
+                             read_timeout=self.limits.http_timeout[1], retries=self.limits.http_retries,
+                             unsigned=unsigned)
         except ValueError as error:
             raise SourceError(f"S3 endpoint {redact_url(self.endpoint or '')!r} is not valid ({error})") from None
 
