@@ -41,13 +41,23 @@ def _assert_close(a: dict, b: dict, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def _assert_relative_error(a: dict, b: dict, limit: float):
-    """Whole-tensor relative error: Adam amplifies float reassociation in near-zero gradient entries, so
-    element-wise tolerances would test rounding, not agreement."""
+def _assert_relative_error(a: dict, b: dict, limit: float, per_tensor_limit: float | None = None):
+    """Relative error over all trained values together, plus a looser bound per tensor.
+
+    Adam divides each update by the gradient's own scale, so float reassociation (another batch composition or
+    OpenMP thread count) in near-zero gradient entries turns into full-size steps of either sign: element-wise
+    tolerances would test rounding, not agreement. One such tensor (a cross-attention ``to_q.lora_B``) reaches
+    7e-3 with one thread while the whole set stays near 1e-4; the per-tensor bound still catches a tensor that
+    trained differently. Without ``per_tensor_limit`` every tensor meets ``limit`` too."""
     assert a.keys() == b.keys()
+    per_tensor_limit = limit if per_tensor_limit is None else per_tensor_limit
     for key in a:
         error = ((a[key] - b[key]).norm() / b[key].norm().clamp(min=1e-12)).item()
-        assert error < limit, f"{key}: relative error {error:.2e}"
+        assert error < per_tensor_limit, f"{key}: relative error {error:.2e}"
+    difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+    scale = torch.sqrt(sum((b[k] ** 2).sum() for k in a)).clamp(min=1e-12)
+    error = (difference / scale).item()
+    assert error < limit, f"relative error of all trained values {error:.2e}"
 
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
@@ -114,7 +124,7 @@ def test_cached_and_uncached_training_agree(images, dataset, tmp_path, model_cac
                         dataloader_num_workers=2, **settings)
     loop.run(plain, make_zip=False)
     assert not plain.text.cached and not plain.latents.latents
-    _assert_relative_error(_trained_values(cached), _trained_values(plain), 1e-3)
+    _assert_relative_error(_trained_values(cached), _trained_values(plain), 1e-3, per_tensor_limit=2e-2)
 
 
 def test_text_cache_is_used_from_the_start_when_nothing_textual_trains(images, dataset, tmp_path, model_cache):
