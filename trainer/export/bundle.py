@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.adapters.lora import dora_scales_for_export, lora_state_dict
+from trainer.adapters.lora import lora_state_dict
 from trainer.device import EXAMPLE_ACCELERATOR as ACCELERATOR
 from trainer.export import files
 from trainer.export.kohya import TE_PREFIXES, UNET_PREFIX, peft_to_kohya
@@ -58,7 +58,7 @@ def collect_lora(unet, text_encoders: list, spec: ExportSpec, *, unet_lora: bool
         if isinstance(layers, (list, tuple)):
             raise ValueError("SGM names need the same layers_per_block in every block")
         state.update(peft_to_kohya(lora_state_dict(unet), UNET_PREFIX, spec.alpha, sgm_layers_per_block=layers,
-                                   dtype=spec.save_dtype, dora_scales=dora_scales_for_export(unet)))
+                                   dtype=spec.save_dtype))
     if te_lora:
         for prefix, encoder in zip(TE_PREFIXES[spec.version], text_encoders, strict=False):
             state.update(peft_to_kohya(lora_state_dict(encoder), prefix, spec.te_alpha, dtype=spec.save_dtype,
