@@ -85,7 +85,8 @@ def write_export(folder: Path, spec: ExportSpec, *, unet, text_encoders: list, t
         written["unet"] = unet_dir
     if token_rows:
         metadata = files.embeddings_metadata(name=spec.name, version=spec.version, tokens=spec.tokens)
-        written["embeddings"] = files.write_embeddings(folder, spec.name, token_rows, metadata)
+        written["embeddings"] = files.write_embeddings(folder, spec.name, spec.version, list(token_rows.values()),
+                                                       metadata)
     written["special_params"] = files.write_special_params(folder, spec.token_dict)
     path = folder / files.TRAINING_ARGS
     atomic_write_text(path, json.dumps(spec.training_args, indent=2) + "\n")

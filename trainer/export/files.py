@@ -94,10 +94,37 @@ def write_lora(folder: Path, name: str, state: dict[str, torch.Tensor], metadata
     return path
 
 
-def write_embeddings(folder: Path, name: str, rows: dict[str, torch.Tensor], metadata: dict[str, str],
+#: The embedding file's key per text encoder. SD1.5: kohya's and A1111's ``emb_params``, the one key InvokeAI's probe
+#: reads the width of ([n, 768] under any other single key is classified by its row count and never used); A1111,
+#: ComfyUI and diffusers read any single key. SDXL: ``clip_l`` and ``clip_g``, which every client reads.
+EMBEDDING_KEYS = {"sd15": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
+#: Keys this project wrote before, still read back.
+LEGACY_EMBEDDING_KEYS = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+
+
+def embedding_file_state(version: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One tensor [n, width] per text encoder (in the model's order) under the keys the clients read."""
+    keys = EMBEDDING_KEYS[version]
+    if len(vectors) != len(keys):
+        raise ValueError(f"a {version} embedding file holds {len(keys)} tensor(s), got {len(vectors)}")
+    return dict(zip(keys, vectors, strict=True))
+
+
+def embedding_vectors(state: dict[str, torch.Tensor], version: str, where: str = "the embedding file"
+                      ) -> list[torch.Tensor]:
+    """The per-encoder vectors of an embedding file this project wrote (current or earlier keys)."""
+    for keys in (EMBEDDING_KEYS[version], LEGACY_EMBEDDING_KEYS[version]):
+        if all(key in state for key in keys):
+            return [state[key] for key in keys]
+    raise ValueError(f"{where} has no {' / '.join(EMBEDDING_KEYS[version])} vectors for this {version} model "
+                     f"(keys: {sorted(state)})")
+
+
+def write_embeddings(folder: Path, name: str, version: str, vectors: list[torch.Tensor], metadata: dict[str, str],
                      dtype: torch.dtype = torch.float32) -> Path:
     path = folder / f"{name}{EMBEDDINGS_SUFFIX}"
-    write_safetensors(path, {k: v.to(dtype) for k, v in rows.items()}, metadata)
+    state = embedding_file_state(version, [v.to(dtype) for v in vectors])
+    write_safetensors(path, state, metadata)
     return path
 
 
