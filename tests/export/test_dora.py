@@ -6,6 +6,7 @@ compared with the trained UNet's, relative to the change the DoRA makes.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -29,8 +30,8 @@ def dora_run(request, tmp_path_factory, model_cache):
                          save_dtype=save_dtype, disable_ti=True, lora_alpha_multiplier=2.0)
     session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
     result = loop.run(session, make_zip=False)
-    lora = load_file(str(next(result.final_checkpoint.glob("*_lora.safetensors"))))
-    return {"session": session, "lora": lora, "model": model, "save_dtype": save_dtype}
+    path = next(result.final_checkpoint.glob("*_lora.safetensors"))
+    return {"session": session, "lora": load_file(str(path)), "path": path, "model": model, "save_dtype": save_dtype}
 
 
 def _fresh_unet(model: str):
@@ -117,3 +118,12 @@ def test_diffusers_drops_dora_scale_with_a_warning(dora_run, caplog):
     plain = {k: v for k, v in dora_run["lora"].items() if not k.endswith(".dora_scale")}
     expected = _unet_output(_patched(dora_run, comfyui_patched_weight, plain), sdxl)
     torch.testing.assert_close(_unet_output(pipe.unet.eval(), sdxl), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_the_file_says_it_is_a_dora(dora_run):
+    from safetensors import safe_open
+
+    with safe_open(str(dora_run["path"]), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"])["dora_wd"] == "True"
