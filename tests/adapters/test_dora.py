@@ -164,3 +164,30 @@ def test_compiled_dora_matches_eager():
     torch.testing.assert_close(out, eager_out)
     for grad, expected in zip((p.grad for p in model.parameters() if p.requires_grad), eager_grads, strict=True):
         torch.testing.assert_close(grad, expected)
+
+
+def test_a_resumed_dora_run_equals_an_uninterrupted_one(tmp_path, model_cache):
+    from tests.helpers import make_concept_images, prepared_dataset, tiny_config
+    from trainer import loop
+
+    images = make_concept_images(tmp_path / "images", n=2)
+    dataset = prepared_dataset(images, tmp_path / "prepared")
+    settings = {"model": "tiny-sd15", "use_dora": True, "max_train_steps": 6, "checkpointing_steps": 3,
+                "unet_lr": 1e-2}
+
+    def session(folder, **extra):
+        return loop.setup(tiny_config(images, tmp_path / folder, **settings, **extra), dataset=dataset)
+
+    straight, _ = session("a")
+    loop.run(straight, make_zip=False)
+    interrupted, _ = session("b")
+    calls = []
+    with pytest.raises(loop.TrainingCancelled):
+        loop.run(interrupted, should_stop=lambda: calls.append(1) or len(calls) > 4, make_zip=False)
+    resumed, state = session("b", resume_from=str(interrupted.run_dir))
+    assert state["step"] == 3
+    loop.run(resumed, state, make_zip=False)
+    expected, got = lora_state_dict(straight.models.unet), lora_state_dict(resumed.models.unet)
+    assert expected.keys() == got.keys() and any(k.endswith(".dora_scale") for k in got)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)

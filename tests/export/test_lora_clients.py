@@ -53,7 +53,8 @@ def test_each_client_reproduces_the_trained_text_encoders(client, trained_sdxl):
     ids = CLIPTokenizer.from_pretrained(folder / "tokenizer")("a photo of a red disc", return_tensors="pt").input_ids
     classes = (CLIPTextModel, CLIPTextModelWithProjection)
     for index, (prefix, cls) in enumerate(zip(TE_PREFIXES["sdxl"], classes, strict=True)):
-        keys = {k[: -len(".lora_down.weight")] for k in lora if k.startswith(f"{prefix}_") and k.endswith("down.weight")}
+        suffix = ".lora_down.weight"
+        keys = {k[: -len(suffix)] for k in lora if k.startswith(f"{prefix}_") and k.endswith(suffix)}
         assert keys, f"the file has no {prefix} LoRA"
         fresh = cls.from_pretrained(folder / ("text_encoder" if index == 0 else "text_encoder_2")).eval()
         with torch.no_grad():
