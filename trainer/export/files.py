@@ -112,7 +112,6 @@ def lora_metadata(*, name: str, version: str, rank: int, alpha: float, resolutio
         "modelspec.implementation": LORA_IMPLEMENTATION[version],
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution[1]}x{resolution[0]}",
-        "modelspec.prediction_type": "epsilon",
     })
     return {k: str(v) for k, v in metadata.items()}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from trainer.adapters.dora import column_norms
-from trainer.export.kohya import DORA_SCALE, UNET_PREFIX, diffusers_to_sgm
+from trainer.export.kohya import DORA_SCALE, UNET_PREFIX, check_kohya_state, diffusers_to_sgm
 
 
 def has_dora(state: dict[str, torch.Tensor]) -> bool:
@@ -52,6 +52,14 @@ class MergedDora:
         missing = [k for k in self._dora_modules() if k not in self.modules]
         if missing:
             raise ValueError(f"the DoRA LoRA names modules this UNet lacks, e.g. {missing[0]}")
+        # The file comes from a request: shapes that merely broadcast would give wrong weights without an error.
+        check_kohya_state(state)
+        for name in self._dora_modules():
+            shape = tuple(self.modules[name].weight.shape)
+            down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+            if tuple(down.shape[1:]) != shape[1:] or up.shape[0] != shape[0] or up[0].numel() != down.shape[0]:
+                raise ValueError(f"the DoRA module {name} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
+                                 f"which do not fit the UNet layer's weight {shape}")
 
     def _dora_modules(self) -> list[str]:
         return [key[: -len(DORA_SCALE) - 1] for key in self.state if key.endswith(f".{DORA_SCALE}")]
