@@ -40,6 +40,7 @@ def export_spec(session: Session) -> ExportSpec:
         tokens=config.inserting_list_tokens if session.tokens else [],
         training_args=config.to_json_dict(),
         save_dtype=SAVE_DTYPES[config.save_dtype],
+        base_model_kind=session.models.source.kind,
     )
 
 
