@@ -36,7 +36,7 @@ def _eden_name(name: str) -> str:
     return name
 
 
-def _scaled_peft_state(module, prefix: str) -> dict[str, torch.Tensor]:
+def _scaled_peft_state(module, prefix: str = "") -> dict[str, torch.Tensor]:
     """The adapter as Eden's ``get_peft_model_state_dict`` gives it, with the peft scale folded into ``lora_B``.
 
     Eden's kohya file stores alpha = rank (diffusers' ``convert_state_dict_to_kohya``), which is its trained scale
@@ -48,6 +48,11 @@ def _scaled_peft_state(module, prefix: str) -> dict[str, torch.Tensor]:
     for key, value in lora_state_dict(module).items():
         state[prefix + key] = value * scale if ".lora_B." in key else value
     return state
+
+
+def _with_text_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Eden's transformers kept the text_model level that transformers 5 dropped from CLIPTextModel.
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
 def _kohya_via_diffusers(pipeline_cls, folder: Path, **layers) -> dict[str, torch.Tensor]:
@@ -62,8 +67,13 @@ def _kohya_via_diffusers(pipeline_cls, folder: Path, **layers) -> dict[str, torc
     return {key.replace("base_model_model_", ""): value for key, value in kohya.items()}
 
 
-def write_eden_output(session, folder: Path, *, name: str = "eden concept") -> Path:
-    """The checkpoint folder Eden's ``main.py`` leaves for a run with the weights of ``session``."""
+def write_eden_output(session, folder: Path, *, name: str = "eden concept", dtype: torch.dtype = torch.float32
+                      ) -> Path:
+    """The checkpoint folder Eden's ``main.py`` leaves for a run with the weights of ``session``.
+
+    ``dtype``: the LoRA's storage type (Eden stores its fp32 training weights; pass our export's type to compare the
+    two layouts on the very same values).
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -91,9 +101,9 @@ def write_eden_output(session, folder: Path, *, name: str = "eden concept") -> P
     if session.te_lora:
         arguments = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
         for argument, encoder in zip(arguments, models.text_encoders, strict=False):
-            # Eden's transformers kept the text_model level that transformers 5 dropped.
-            layers = convert_state_dict_to_diffusers(_scaled_peft_state(encoder, "text_model."))
+            layers = convert_state_dict_to_diffusers(_with_text_model(_scaled_peft_state(encoder)))
             kohya.update(_kohya_via_diffusers(pipeline_cls, folder, **{argument: layers}))
+    kohya = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kohya.items()}
     save_file(kohya, str(folder / f"{name}_{version}.safetensors"))
     # peft's PeftModel.save_pretrained leaves its config (its weights file is deleted by Eden's save).
     (folder / "adapter_config.json").write_text(json.dumps(
