@@ -152,6 +152,24 @@ def eden_tar(folder: Path, out_dir: Path, name: str = "eden concept", stamp: int
     return path
 
 
+def eden_outputs(session, root: Path) -> dict[str, Path]:
+    """One Eden run of ``session``'s weights in its three forms: the checkpoint folder, Eden's tar, that folder zipped.
+
+    The LoRA is stored in our export's type, so both layouts carry the very same values.
+    """
+    import zipfile
+
+    from trainer.export.files import SAVE_DTYPES
+
+    folder = write_eden_output(session, root / f"checkpoint-{session.config.max_train_steps}",
+                               dtype=SAVE_DTYPES[session.config.save_dtype])
+    zip_path = root / "eden_concept.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for entry in sorted(folder.rglob("*")):
+            archive.write(entry, entry.relative_to(folder).as_posix())
+    return {"folder": folder, "tar": eden_tar(folder, root / "out"), "zip": zip_path}
+
+
 # ================================================================================================= load side
 
 

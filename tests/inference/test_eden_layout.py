@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from tests import eden_reference as eden
-from trainer.export.files import SAVE_DTYPES
 from trainer.inference.bundle import LoraBundle
 from trainer.inference.generator import GenerationRequest, Generator
 
@@ -40,18 +39,12 @@ def _zip_folder(folder, path):
 
 @pytest.fixture(scope="module")
 def eden_sdxl(trained_sdxl, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eden-sdxl")
-    session = trained_sdxl["session"]
-    folder = eden.write_eden_output(session, root / "checkpoint-16", dtype=SAVE_DTYPES[session.config.save_dtype])
-    return {"folder": folder, "tar": eden.eden_tar(folder, root / "out"), "zip": _zip_folder(folder, root / "e.zip")}
+    return eden.eden_outputs(trained_sdxl["session"], tmp_path_factory.mktemp("eden-sdxl"))
 
 
 @pytest.fixture(scope="module")
 def eden_sd15(trained_sd15, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eden-sd15")
-    session = trained_sd15["session"]
-    folder = eden.write_eden_output(session, root / "checkpoint-10", dtype=SAVE_DTYPES[session.config.save_dtype])
-    return {"folder": folder, "tar": eden.eden_tar(folder, root / "out")}
+    return eden.eden_outputs(trained_sd15["session"], tmp_path_factory.mktemp("eden-sd15"))
 
 
 @pytest.fixture
