@@ -193,3 +193,38 @@ def test_an_archive_of_neither_layout_says_which_files_were_expected(tmp_path):
     with pytest.raises(ValueError, match=r"weights.bin is not a zip file \(nor a tar archive\); expected the zip a "
                                          r"training produced, or the .tar of Eden's trainer"):
         LoraBundle.open(text, tmp_path / "work")
+
+
+def test_a_recompressed_eden_tar_opens(eden_sdxl, tmp_path):
+    import gzip
+
+    packed = tmp_path / "eden_concept_eden_concept_lora_1.tar.gz"
+    packed.write_bytes(gzip.compress(eden_sdxl["tar"].read_bytes()))
+    bundle = LoraBundle.open(packed, tmp_path / "work")
+    assert bundle.layout == "eden" and bundle.lora.name == "eden_concept_sdxl.safetensors"
+
+
+def _write_safetensors(path, keys):
+    from safetensors.torch import save_file
+
+    save_file({key: torch.zeros(2, 4) for key in keys}, str(path))
+
+
+def test_edens_lora_file_and_family_are_found_by_its_rules(tmp_path):
+    """The kohya file wins over diffusers' own; without sd_model_version the family comes from the file name."""
+    (tmp_path / "special_params.json").write_text(json.dumps({"TOK": "<s0>"}))
+    (tmp_path / "training_args.json").write_text(json.dumps({"name": "x", "concept_mode": "object"}))
+    _write_safetensors(tmp_path / "x_embeddings.safetensors", ["clip_l"])
+    _write_safetensors(tmp_path / "pytorch_lora_weights.safetensors", ["unet.down_blocks.0.lora.down.weight"])
+    _write_safetensors(tmp_path / "x_sd15.safetensors", ["lora_unet_down_blocks_0_attn1_to_q.lora_down.weight"])
+    _write_safetensors(tmp_path / "other.safetensors", ["first_stage_model.weight"])  # not a LoRA: ignored
+    bundle = LoraBundle.open(tmp_path)
+    assert bundle.layout == "eden" and bundle.lora.name == "x_sd15.safetensors" and bundle.version == "sd15"
+    assert bundle.tokens == ["<s0>", "<s1>"]
+
+    (tmp_path / "x_sd15.safetensors").unlink()
+    assert LoraBundle.open(tmp_path).lora.name == "pytorch_lora_weights.safetensors"
+    _write_safetensors(tmp_path / "y_sdxl.safetensors", ["lora_unet_down_blocks_0_attn1_to_q.lora_down.weight"])
+    _write_safetensors(tmp_path / "z_sdxl.safetensors", ["lora_unet_down_blocks_0_attn1_to_q.lora_down.weight"])
+    with pytest.raises(ValueError, match=r"several LoRA files, \['y_sdxl.safetensors', 'z_sdxl.safetensors'\]"):
+        LoraBundle.open(tmp_path)

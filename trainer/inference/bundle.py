@@ -79,7 +79,7 @@ class LoraBundle:
                     if kind == "zip":
                         extract_zip(path, tmp)
                     else:
-                        eden_layout.extract_tar(path, tmp, max_bytes=MAX_BUNDLE_BYTES)
+                        eden_layout.extract_tar(path, tmp, max_bytes=MAX_BUNDLE_BYTES, kind=kind)
             path = target
         if not path.is_dir():
             raise ValueError(f"{path} does not exist")

@@ -61,16 +61,22 @@ class BundleFiles:
     training_args: Path
 
 
+#: What ``archive_kind`` returns: a zip, or a tar, plain or compressed (a recompressed Eden tar).
+TAR_KINDS = ("tar", "gzip", "bz2", "xz")
+
+
 def archive_kind(path: Path) -> str | None:
-    """``zip`` or ``tar`` from the file's first bytes (a downloaded file's name says nothing), else ``None``."""
+    """``zip``, ``tar``, ``gzip``, ``bz2`` or ``xz`` from the file's first bytes (a downloaded file's name says
+    nothing), else ``None``."""
     from trainer.data.ingest.sniff import read_head, sniff
 
     kind = sniff(read_head(path, 512))
-    return kind if kind in ("zip", "tar") else None
+    return kind if kind == "zip" or kind in TAR_KINDS else None
 
 
-def extract_tar(archive: Path, target: Path, *, max_bytes: int) -> None:
-    """Unpack an Eden ``.tar`` into the existing folder ``target`` with the project's archive rules.
+def extract_tar(archive: Path, target: Path, *, max_bytes: int, kind: str = "tar") -> None:
+    """Unpack an Eden ``.tar`` (``kind``: plain, or compressed as ``gzip``, ``bz2``, ``xz``) into the existing folder
+    ``target`` with the project's archive rules.
 
     Unsafe names, links and device files are skipped with a warning; bombs, corrupt archives and archives with more
     than the entry cap are refused (``trainer.data.ingest.archives``).
@@ -83,7 +89,7 @@ def extract_tar(archive: Path, target: Path, *, max_bytes: int) -> None:
     limits = DataLimits().with_(max_total_bytes=max_bytes, max_download_bytes=max_bytes)
     context = ExtractContext(limits=limits, budget=ByteBudget(limits), report=PrepReport())
     unpacked = target / ".unpacked"
-    extract_archive(archive, "tar", unpacked, archive.name, context)
+    extract_archive(archive, kind, unpacked, archive.name, context)
     for entry in unpacked.iterdir():
         entry.rename(target / entry.name)
     unpacked.rmdir()
