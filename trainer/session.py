@@ -17,7 +17,7 @@ from trainer import checkpoint as ckpt
 from trainer.adapters import lora as lora_adapters
 from trainer.adapters.tokens import CONCEPT_INIT_WORDS, NewTokens, TokenInit
 from trainer.config import TrainingConfig, save_config
-from trainer.config.schema import default_token_list
+from trainer.config.schema import MAX_TOKENS, default_token_list
 from trainer.data.captions import replace_trigger
 from trainer.data.dataset import BatchPlan, LatentSource
 from trainer.data.manifest import PreparedDataset
@@ -92,6 +92,9 @@ def _resolve_tokens(config: TrainingConfig, tokenizer) -> None:
     n = len(tokenizer(config.initial_phrase, add_special_tokens=False).input_ids)
     if n == config.n_tokens:
         return
+    if n > MAX_TOKENS:
+        raise ValueError(f"initial_phrase {config.initial_phrase[:80]!r} has {n} tokens, more than the {MAX_TOKENS} "
+                         "new tokens a concept may have; use a shorter phrase")
     if config.explicitly_set("n_tokens") or config.explicitly_set("inserting_list_tokens"):
         raise ValueError(
             f"initial_phrase {config.initial_phrase!r} has {n} tokens but n_tokens is {config.n_tokens}; leave "

@@ -9,6 +9,7 @@ import pytest
 
 import train as train_module
 from trainer.config import TrainingConfig
+from trainer.config.schema import field_bounds
 from trainer.serving import train_job
 from trainer.serving.common import ENV_ALLOW_LOCAL, ENV_WORK_DIR, declared_defaults, unwrap_inputs
 from trainer.serving.train_job import format_duration, object_key, parse_training_request, progress_line
@@ -47,6 +48,25 @@ def test_input_defaults_are_the_config_defaults():
             continue
         assert train_module.DEFAULTS[name] == default, name
     assert set(train_module.DEFAULTS) - set(fields) == set(train_job.SERVICE_INPUTS)
+
+
+def test_input_bounds_and_choices_are_the_config_fields():
+    """train.py's Input(ge, le, choices, max_length) equal what the config field admits: one rule, read twice."""
+    parameters = inspect.signature(train_module.train).parameters
+    shared = [name for name in parameters if name in TrainingConfig.model_fields]
+    assert len(shared) >= 20
+    for name in shared:
+        declared, bounds = parameters[name].default, field_bounds(name)
+        assert declared.ge == bounds.ge, name
+        assert declared.le == bounds.le, name
+        assert bounds.gt is None and bounds.lt is None, f"{name}: cog's Input has no strict bounds"
+        assert declared.max_length == bounds.max_length, name
+        assert (tuple(declared.choices) if declared.choices is not None else None) == bounds.choices, name
+    # Every number the form offers has both ends bounded.
+    for name in shared:
+        annotation = str(parameters[name].annotation)
+        if "int" in annotation or "float" in annotation:
+            assert parameters[name].default.ge is not None and parameters[name].default.le is not None, name
 
 
 def test_eden_inputs_are_all_there():
@@ -95,7 +115,7 @@ def test_training_args_set_any_other_key_and_pasted_files_work():
         ({"lora_training_urls": None}, "no training images: give lora_training_urls"),
         ({"lora_training_urls": "./photos"}, "'./photos' is a local path, which this server does not read"),
         ({"lora_training_urls": "[not json"}, "looks like a JSON list but does not parse"),
-        ({"n_tokens": 0}, "n_tokens must be >= 1"),
+        ({"n_tokens": 0}, r"n_tokens must be in \[1, 16\], got 0"),
         ({"resolution": "1000"}, "resolution must be a multiple of 64"),
         ({"training_args": '{"device": "xpu"}'}, "no Intel XPU is available"),
         ({"training_args": '{"ckpt_path": "./no/such/model"}'}, "is not an existing file or folder"),
@@ -176,3 +196,42 @@ def test_calling_train_directly_returns_the_training_output(file_server, images_
     assert output.weights.name == "direct.zip" and output.weights.is_file()
     assert output.weights.parent.parent == tmp_path / "outputs"
     assert not any((tmp_path / "jobs").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ bounds
+@pytest.mark.parametrize(("field", "value"), [
+    ("resolution", 99968), ("train_batch_size", 100000), ("gradient_accumulation_steps", 1e9), ("n_tokens", 1000),
+    ("max_train_steps", 1e9), ("lora_rank", 100000), ("n_sample_imgs", 1e6), ("unet_lr", 50),
+    ("augment_imgs_up_to_n", 1e7), ("dataloader_num_workers", 1e5), ("max_train_steps", 50000), ("n_tokens", 40),
+])
+def test_numbers_past_the_bounds_are_refused_in_training_args(field, value):
+    """The values the issue found accepted behind train.py: refused by the config's own bounds, naming the key."""
+    with pytest.raises(ValueError, match=rf"{field} must be in \["):
+        _request(lora_training_urls=URL, concept_mode="object", training_args=json.dumps({field: value}))
+
+
+@pytest.mark.parametrize(("field", "value"), [("resolution", "4096"), ("n_tokens", 17), ("lora_rank", "1000"),
+                                              ("train_batch_size", 65), ("n_sample_imgs", 33), ("seed", -1)])
+def test_numbers_past_the_bounds_are_refused_as_inputs(field, value):
+    """Without cog's generated schema the server passes inputs as sent: the config bounds them all the same."""
+    with pytest.raises(ValueError, match=rf"{field} must be in \["):
+        _request(lora_training_urls=URL, concept_mode="object", **{field: value})
+
+
+@pytest.mark.parametrize("text", ['{"validation_guidance_scale": Infinity}', '{"unet_lr": NaN}',
+                                  '{"training_attributes": {"a": -Infinity}}'])
+def test_nan_and_infinity_in_training_args_are_refused(text):
+    with pytest.raises(ValueError, match=r"must (be a finite number|hold finite numbers)"):
+        _request(lora_training_urls=URL, concept_mode="object", training_args=text)
+
+
+def test_deep_or_huge_training_args_get_a_message_naming_it():
+    deep = '{"training_attributes": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(ValueError, match=r"training_args is (nested too deeply|.* more than the limit)"):
+        _request(lora_training_urls=URL, concept_mode="object", training_args=deep)
+    nested = '{"training_attributes": ' + "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(ValueError, match="training_args is nested too deeply"):
+        _request(lora_training_urls=URL, concept_mode="object", training_args=nested)
+    with pytest.raises(ValueError, match=r"training_attributes\.a.* is nested more than 8 levels"):
+        _request(lora_training_urls=URL, concept_mode="object",
+                 training_args=json.dumps({"training_attributes": {"a": [[[[[[[[[1]]]]]]]]]}}))

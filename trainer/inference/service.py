@@ -35,7 +35,7 @@ MAX_SIDE = 2048
 class PredictionInputs(BaseModel):
     """One request, validated. ``predict.py`` declares the same names, defaults and bounds for cog's schema."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1)
     lora_url: Optional[str] = None

@@ -32,6 +32,8 @@ from trainer.utils.s3 import S3Uri
 logger = logging.getLogger(__name__)
 
 ENV_KEEP_OUTPUTS = "TRAINER_KEEP_OUTPUTS"
+#: A pasted training_args.json is a few KiB; the text of the input is refused far beyond that.
+MAX_TRAINING_ARGS_CHARS = 256 * 1024
 
 #: Inputs of ``train()`` that are not config keys.
 SERVICE_INPUTS = ("training_args", "output_uri", "input_images")
@@ -57,6 +59,9 @@ def parse_training_args(value: Any) -> dict[str, Any]:
         return dict(value)
     if not isinstance(value, str):
         raise ValueError(f"training_args must be a JSON object as text, got {type(value).__name__}")
+    if len(value) > MAX_TRAINING_ARGS_CHARS:
+        raise ValueError(f"training_args is {len(value)} characters, more than the limit of "
+                         f"{MAX_TRAINING_ARGS_CHARS}; a training_args.json is a few KiB")
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as error:
@@ -64,6 +69,8 @@ def parse_training_args(value: Any) -> dict[str, Any]:
             f"training_args is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); give an "
             'object such as {"unet_lr": 0.0005, "lora_rank": 8}'
         ) from None
+    except RecursionError:
+        raise ValueError("training_args is nested too deeply to read; give a flat JSON object of settings") from None
     if not isinstance(parsed, dict):
         raise ValueError(f'training_args must be a JSON object such as {{"lora_rank": 8}}, got a JSON '
                          f"{type(parsed).__name__}")
