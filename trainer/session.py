@@ -106,7 +106,7 @@ def _resolve_tokens(config: TrainingConfig, tokenizer) -> None:
 
 
 def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: PreparedDataset | None = None,
-          allow_local_sources: bool = True) -> tuple[Session, dict | None]:
+          allow_local_sources: bool = True, local_paths: bool = True) -> tuple[Session, dict | None]:
     timings: dict[str, float] = {}
     config = config.model_copy(deep=True)
     from trainer.device import select_device
@@ -131,7 +131,8 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     cache_dir = model_cache_dir(config.model_cache_dir)
 
     started = time.perf_counter()
-    source = resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, cache_dir)
+    source = resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, cache_dir,
+                            local_paths=local_paths)
     # The main process loads first, so that downloads and fixture builds into the shared cache happen once.
     if not dist.is_main:
         dist.barrier()

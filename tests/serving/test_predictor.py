@@ -14,6 +14,7 @@ from trainer.inference import remote
 from trainer.inference.service import PredictionInputs
 from trainer.serving.cog_client import FileServer
 from trainer.serving.common import ENV_ALLOW_LOCAL
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 11, "output_format": "png"}
 
@@ -24,7 +25,8 @@ def served_loras(trained_sdxl, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served-loras")
     shutil.copy(trained_sdxl["result"].zip_path, folder / "sdxl.zip")
     (folder / "notes.zip").write_text("not a zip")
-    with FileServer(folder) as server:
+    with FileServer(folder) as server, pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_ALLOW_PRIVATE_HOSTS, server.address)
         yield server
 
 

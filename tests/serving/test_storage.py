@@ -13,6 +13,7 @@ from trainer.inference import remote
 from trainer.inference.remote import BundleStore
 from trainer.serving.cog_client import FileServer
 from trainer.serving.train_job import TrainingJob, TrainingRequest
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 from trainer.utils.s3 import S3Uri, UploadCancelled, check_bucket, s3_client, upload_file
 
 
@@ -100,6 +101,7 @@ def test_the_lora_cache_keeps_the_most_recent_urls(tmp_path, monkeypatch):
                         real(url, target, **kw))
     store = BundleStore(tmp_path / "cache", max_entries=2)
     with FileServer(served) as server:
+        monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, server.address)
         first = store.get(server.url("a.zip"), allow_local=False)
         assert first.lora.name == "a_lora.safetensors" and first.token_string == "<s0>"
         assert store.get(server.url("a.zip"), allow_local=False) is first

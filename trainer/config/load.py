@@ -106,7 +106,9 @@ def _format_validation_error(error: ValidationError) -> str:
             lines.append(f"{loc}: {message} (got {_shown(item.get('input'))})")
         else:
             lines.append(message)
-    return "Invalid training config: " + "; ".join(lines)
+    from trainer.utils.download import redact_text
+
+    return redact_text("Invalid training config: " + "; ".join(lines))
 
 
 def load_config(source: Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None) -> TrainingConfig:

@@ -636,7 +636,11 @@ class TrainingConfig(BaseModel):
         return next(iter(self.token_dict)) if self.token_dict else "TOK"
 
     def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The settings as JSON, for ``training_args.json``: URLs lose their credentials and signatures, since the
+        file travels in the zip that Replicate serves as the model's public weights."""
+        from trainer.utils.download import redact_values
+
+        return redact_values(self.model_dump(mode="json"))
 
     def explicitly_set(self, field: str) -> bool:
         return field in self.model_fields_set

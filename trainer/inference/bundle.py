@@ -33,6 +33,9 @@ class LoraBundle:
     token_dict: dict[str, str]
     training_args: dict
     version: str
+    local_paths: bool = True
+    """Whether ``training_args.json`` may name a base model on this machine's disk: only for the operator's own
+    bundles. A zip from a request (or a URL) names hub ids and URLs only, fetched through the guarded client."""
 
     @property
     def trigger(self) -> str:
@@ -52,10 +55,11 @@ class LoraBundle:
         args = self.training_args
         location = override or args.get("ckpt_path")
         pretrained = None if location else args.get("pretrained_model")
-        return resolve_source(location, pretrained, args.get("sd_model_version"), cache_dir)
+        return resolve_source(location, pretrained, args.get("sd_model_version"), cache_dir,
+                              local_paths=self.local_paths or override is not None)
 
     @classmethod
-    def open(cls, path: Path, work_dir: Path | None = None) -> LoraBundle:
+    def open(cls, path: Path, work_dir: Path | None = None, *, local_paths: bool = True) -> LoraBundle:
         """Open a checkpoint folder, an unpacked bundle, or a zip (unpacked into ``work_dir``)."""
         path = Path(path)
         if path.is_file():
@@ -81,7 +85,7 @@ class LoraBundle:
         if version not in ("sdxl", "sd15"):
             raise ValueError(f"{path.name}: training_args.json has no valid sd_model_version ({version!r})")
         return cls(folder=path, lora=artifacts["lora"], embeddings=artifacts["embeddings"], unet_dir=artifacts["unet"],
-                   token_dict=token_dict, training_args=training_args, version=version)
+                   token_dict=token_dict, training_args=training_args, version=version, local_paths=local_paths)
 
 
 def _digest(path: Path) -> str:

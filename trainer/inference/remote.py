@@ -34,8 +34,11 @@ def describe(location: str) -> str:
 
 
 class BundleStore:
-    def __init__(self, root: Path, *, max_entries: int = 8, s3_endpoint: str | None = None) -> None:
+    def __init__(self, root: Path, *, max_entries: int = 8, s3_endpoint: str | None = None,
+                 local_paths: bool = False) -> None:
         self.root = Path(root)
+        self.local_paths = local_paths
+        """Whether the bundles' training_args.json may name base models on this machine (the operator's switch)."""
         self.max_entries = max(1, max_entries)
         self.s3_endpoint = s3_endpoint
         self._open: dict[str, LoraBundle] = {}
@@ -60,7 +63,8 @@ class BundleStore:
             path = Path(location).expanduser()
             if not path.exists():
                 raise ValueError(f"LoRA location {location!r}: no such file or folder")
-            bundle = LoraBundle.open(path, self.root / "local" / _digest(str(path.resolve())))
+            bundle = LoraBundle.open(path, self.root / "local" / _digest(str(path.resolve())),
+                                     local_paths=self.local_paths)
         self._open[location] = bundle
         return bundle
 
@@ -82,7 +86,7 @@ class BundleStore:
                 download(url, archive, max_bytes=MAX_DOWNLOAD_BYTES)
         self._touch(entry)
         try:
-            return LoraBundle.open(archive, entry)
+            return LoraBundle.open(archive, entry, local_paths=self.local_paths)
         except ValueError as error:
             # A file that is not a trained bundle stays useless: do not keep it for the next request.
             shutil.rmtree(entry, ignore_errors=True)

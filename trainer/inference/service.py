@@ -103,7 +103,10 @@ class PredictionService:
         weight_type = weight_type or os.environ.get(ENV_WEIGHT_TYPE) or default_weight_type(device)
         root = Path(root or os.environ.get(ENV_PREDICT_DIR) or work_root() / "predict")
         generator = Generator(device=device, weight_type=weight_type)
-        store = BundleStore(root / "loras")
+        from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag
+
+        # What a LoRA's training_args.json names is the request's choice: local base models only if the operator says.
+        store = BundleStore(root / "loras", local_paths=env_flag(ENV_ALLOW_LOCAL))
         service = cls(generator, store, root / "outputs")
         if weights is not None and str(weights).strip():
             # COG_WEIGHTS is set by the operator (or by Replicate after a training): a local path is fine here.

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT, check_request
 from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, unwrap_inputs, work_root
+from trainer.utils.download import redact_text, stop_downloads_on
 from trainer.utils.s3 import S3Uri
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,6 @@ MAX_TRAINING_ARGS_CHARS = 256 * 1024
 SERVICE_INPUTS = ("training_args", "output_uri", "input_images")
 #: Config keys the service sets itself; pasted ``training_args.json`` files carry them, so they are ignored.
 SERVICE_OWNED = ("output_dir", "start_time", "job_time")
-#: Config keys that would let a remote caller read or write the server's files.
-LOCAL_ONLY = {
-    "resume_from": "resuming reads a run folder on the server",
-    "model_cache_dir": "the model cache is the server's (TRAINER_MODEL_CACHE)",
-}
 
 
 # ============================================================================================== input values
@@ -84,6 +81,8 @@ class TrainingRequest:
     """The validated :class:`~trainer.config.TrainingConfig`."""
     allow_local_sources: bool
     destination: S3Uri | None = None
+    local_paths: bool = False
+    """Whether the config may name model files and folders on the server (the operator's switch)."""
 
 
 def merge_inputs(inputs: Mapping[str, Any], defaults: Mapping[str, Any], training_args: Mapping[str, Any]
@@ -145,35 +144,27 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
     inputs = unwrap_inputs(inputs)
     allow_local = env_flag(ENV_ALLOW_LOCAL)
     training_args = parse_training_args(inputs.get("training_args"))
-    if not allow_local:
-        refused = [f"{key} ({why})" for key, why in LOCAL_ONLY.items() if not _blank(training_args.get(key))]
-        if refused:
-            raise ValueError("training_args may not set " + "; ".join(refused))
     data = merge_inputs(inputs, defaults, training_args)
+    check_request(data, allow_local=allow_local, allow_s3_endpoint=env_flag(ENV_ALLOW_REQUEST_S3_ENDPOINT))
 
-    uploaded = []
+    uploaded: list[str] = []
+    local_upload = False
     input_images = inputs.get("input_images")
     if not _blank(input_images):
-        if hasattr(input_images, "convert"):  # a cog URLPath whose download was deferred
-            input_images = input_images.convert()
-        if isinstance(input_images, str) and "://" in input_images:
-            raise ValueError("input_images is an uploaded file; give URLs in lora_training_urls instead")
-        path = Path(str(input_images))
-        if not path.is_file():
-            raise ValueError(f"input_images: the uploaded file {path.name!r} is missing on the server")
-        uploaded.append(path)
+        source, local_upload = _uploaded_source(input_images, allow_local)
+        uploaded.append(source)
     urls = data.get("lora_training_urls")
     if _blank(urls) or (isinstance(urls, list) and not urls):
         if not uploaded:
             raise ValueError("no training images: give lora_training_urls (image or archive URLs, s3:// URIs) or "
                              "upload a zip as input_images")
-        data["lora_training_urls"] = [str(p) for p in uploaded]
+        data["lora_training_urls"] = uploaded
     else:
         _check_sources(urls, allow_local)
         if uploaded:
             from trainer.data.ingest.sources import split_sources
 
-            data["lora_training_urls"] = [*split_sources(urls), *(str(p) for p in uploaded)]
+            data["lora_training_urls"] = [*split_sources(urls), *uploaded]
 
     if _blank(data.get("concept_mode")):
         raise ValueError("concept_mode is required: face, style or object")
@@ -184,7 +175,8 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
 
     # Cheap checks of what would otherwise fail only after the data is prepared.
     select_device(config.device)
-    resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, model_cache_dir())
+    resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, model_cache_dir(),
+                   local_paths=allow_local)
 
     destination = None
     output_uri = inputs.get("output_uri")
@@ -194,8 +186,36 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
 
         check_bucket(s3_client(config.s3_endpoint_url, connect_timeout=5.0, read_timeout=15.0, retries=1),
                      destination, "output_uri")
-    # Sources that are local files only because cog downloaded an upload are admitted; others were checked above.
-    return TrainingRequest(config=config, allow_local_sources=allow_local or bool(uploaded), destination=destination)
+    # A source that is a local file only because cog decoded an upload is admitted; others were checked above.
+    return TrainingRequest(config=config, allow_local_sources=allow_local or local_upload, destination=destination,
+                           local_paths=allow_local)
+
+
+def _uploaded_source(value: Any, allow_local: bool) -> tuple[str, bool]:
+    """The ``input_images`` upload as a training source, and whether it is a file cog wrote on this server.
+
+    cog hands an upload over as a ``URLPath``: for an http(s) URL it would download on ``convert()`` with a client that
+    follows any address, so the URL becomes a source instead, fetched by this project's client (address checks, size
+    caps, deadline). A ``data:`` upload is decoded by cog, without network access. A plain path names a file on the
+    server: refused, like every local path in a request, unless the operator allows local sources.
+    """
+    source = getattr(value, "source", None)
+    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
+        return source, False
+    if isinstance(source, str) and source.lower().startswith("data:"):
+        return str(value.convert()), True
+    text = str(value).strip()
+    if text.lower().startswith(("http://", "https://")):
+        return text, False
+    if "://" in text or text.lower().startswith("data:"):
+        raise ValueError("input_images must be an uploaded file or an http(s) URL of a zip or tar archive")
+    if not allow_local:
+        raise ValueError("input_images names a path on the server, which requests may not read; upload the file or "
+                         f"give its http(s) URL (the operator can allow local paths with {ENV_ALLOW_LOCAL}=1)")
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"input_images: the file {path.name!r} is missing on the server")
+    return str(path), True
 
 
 def object_key(destination: S3Uri, file_name: str) -> S3Uri:
@@ -269,9 +289,11 @@ class TrainingJob:
         try:
             logger.info("training %s (%s, %s steps) in %s", config.name, config.concept_mode, config.max_train_steps,
                         self.job_dir)
-            result = train(config, run_dir=self.job_dir / "run", should_stop=self.stop.is_set,
-                           on_progress=lambda event: logger.info("%s", progress_line(event)),
-                           allow_local_sources=self.request.allow_local_sources)
+            with stop_downloads_on(self.stop):
+                result = train(config, run_dir=self.job_dir / "run", should_stop=self.stop.is_set,
+                               on_progress=lambda event: logger.info("%s", progress_line(event)),
+                               allow_local_sources=self.request.allow_local_sources,
+                               local_paths=self.request.local_paths)
             if self.stop.is_set() or result.zip_path is None:
                 raise TrainingCancelled("training was cancelled after its last step")
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -340,5 +362,13 @@ def run_training_job(inputs: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     from trainer.utils.logs import setup_logging
 
     setup_logging()
-    request = parse_training_request(inputs, defaults)
-    return TrainingJob(request).run()
+    try:
+        request = parse_training_request(inputs, defaults)
+        return TrainingJob(request).run()
+    except Exception as error:
+        # cog shows the message as the job's error (and logs it): an input quoted in it may carry secrets.
+        message = str(error)
+        cleaned = redact_text(message)
+        if cleaned == message:
+            raise
+        raise ValueError(cleaned) from None

@@ -7,6 +7,7 @@ atomic, so readers see either the old state or the complete new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -14,6 +15,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TMP_MARK = ".partial-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class WriteError(ValueError):
+    """A file that could not be written (disk full, no permission); the message names the file."""
+
+
+def write_error(error: OSError, path: Path | str) -> WriteError:
+    """A :class:`WriteError` naming ``path`` for an ``OSError`` raised while writing it."""
+    if error.errno in _DISK_FULL:
+        return WriteError(f"the disk is full: could not write {path} (free space in {Path(path).parent})")
+    return WriteError(f"could not write {path}: {error.strerror or type(error).__name__}")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
 
 
 def _fsync_dir(path: Path) -> None:
