@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 
@@ -154,7 +155,7 @@ def test_uploaded_input_images_join_the_sources():
                        concept_mode="object")
     written = request.config.lora_training_urls[2]
     assert request.config.lora_training_urls[:2] == [URL, "https://example.com/b.jpg"]
-    assert written.endswith(".zip") and open(written, "rb").read().startswith(b"PK")
+    assert written.endswith(".zip") and Path(written).read_bytes().startswith(b"PK")
     # The upload is a local file the server made itself: admitted, while typed local paths still are not.
     assert request.allow_local_sources is True and request.local_paths is False
     only_upload = _request(input_images=upload, concept_mode="object")
