@@ -148,6 +148,7 @@ def prepare_dataset(config: TrainingConfig, work_dir: Path, *, allow_local: bool
             PreparedDataset(root=building, samples=samples, trigger=config.trigger, info=info).save()
         dataset = PreparedDataset(root=root, samples=samples, trigger=config.trigger, info=info)
     finally:
+        report.finish()
         shutil.rmtree(scratch, ignore_errors=True)
     _write_preview(dataset, work_dir / PREVIEW_NAME, config)
     logger.info(

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from trainer.config.schema import MAX_TOKEN_CHARS, MAX_TOKENS
+from trainer.data.ingest.archives import unpack_untrusted
+from trainer.data.limits import DataLimits
 from trainer.export.files import find_artifacts
 from trainer.models.loading import ModelSource, resolve_source
 from trainer.utils.atomic import atomic_dir
@@ -22,6 +24,13 @@ logger = logging.getLogger(__name__)
 
 #: A delivered zip is at most a few hundred MB (LoRA, embeddings, samples); refuse archives far beyond that.
 MAX_BUNDLE_BYTES = 8 << 30
+#: What a bundle zip may unpack to: its files are weights and JPEGs, which barely compress, so a high ratio can only
+#: be a bomb; a bundle holds tens of files, not thousands.
+BUNDLE_LIMITS = DataLimits(max_download_bytes=MAX_BUNDLE_BYTES, max_total_bytes=MAX_BUNDLE_BYTES,
+                           max_archive_entries=2000, max_total_files=2000, max_compression_ratio=20.0,
+                           ratio_check_min_bytes=32 << 20, max_archive_depth=1)
+#: training_args.json and special_params.json are a few KiB.
+MAX_JSON_BYTES = 1 << 20
 
 
 @dataclass
@@ -60,7 +69,12 @@ class LoraBundle:
 
     @classmethod
     def open(cls, path: Path, work_dir: Path | None = None, *, local_paths: bool = True) -> LoraBundle:
-        """Open a checkpoint folder, an unpacked bundle, or a zip (unpacked into ``work_dir``)."""
+        """Open a checkpoint folder, an unpacked bundle, or a zip (unpacked into ``work_dir``).
+
+        A zip is unpacked by the same code and under the same kind of limits as training archives
+        (:func:`~trainer.data.ingest.archives.unpack_untrusted`), and what its files say is checked and clamped
+        (:func:`read_training_args`, :func:`read_token_dict`): the zip may come from anyone.
+        """
         path = Path(path)
         if path.is_file():
             if not zipfile.is_zipfile(path):
@@ -68,7 +82,7 @@ class LoraBundle:
             target = Path(work_dir or path.parent) / f"{path.stem}-{_digest(path)}"
             if not target.is_dir():
                 with atomic_dir(target, replace=False) as tmp:
-                    extract_zip(path, tmp)
+                    extract_bundle(path, tmp)
             path = target
         if not path.is_dir():
             raise ValueError(f"{path} does not exist")
@@ -79,11 +93,12 @@ class LoraBundle:
             )
         if artifacts["lora"] is None and artifacts["unet"] is None and artifacts["embeddings"] is None:
             raise ValueError(f"{path.name} holds no LoRA, embeddings or UNet weights")
-        training_args = json.loads(artifacts["training_args"].read_text(encoding="utf-8"))
-        token_dict = json.loads(artifacts["special_params"].read_text(encoding="utf-8"))
+        training_args = read_training_args(artifacts["training_args"])
         version = training_args.get("sd_model_version")
         if version not in ("sdxl", "sd15"):
-            raise ValueError(f"{path.name}: training_args.json has no valid sd_model_version ({version!r})")
+            raise ValueError(f"{path.name}: training_args.json has no valid sd_model_version ({str(version)[:40]!r})")
+        has_tokens = artifacts["embeddings"] is not None
+        token_dict = read_token_dict(artifacts["special_params"], training_args, has_tokens)
         return cls(folder=path, lora=artifacts["lora"], embeddings=artifacts["embeddings"], unet_dir=artifacts["unet"],
                    token_dict=token_dict, training_args=training_args, version=version, local_paths=local_paths)
 
@@ -96,20 +111,62 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def extract_zip(archive: Path, target: Path) -> None:
-    """Extract a bundle zip, refusing members that would land outside ``target`` or inflate beyond the cap."""
-    with zipfile.ZipFile(archive) as handle:
-        total = 0
-        for info in handle.infolist():
-            name = PurePosixPath(info.filename)
-            if name.is_absolute() or ".." in name.parts or info.filename.startswith(("/", "\\")):
-                raise ValueError(f"{archive.name}: refusing the unsafe member path {info.filename!r}")
-            total += info.file_size
-            if total > MAX_BUNDLE_BYTES:
-                raise ValueError(f"{archive.name}: unpacks to more than {MAX_BUNDLE_BYTES} bytes")
-            if info.is_dir():
-                continue
-            destination = target / name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with handle.open(info) as source, destination.open("wb") as sink:
-                shutil.copyfileobj(source, sink)
+def extract_bundle(archive: Path, target: Path) -> None:
+    """Unpack a bundle zip into the (empty) folder ``target`` under :data:`BUNDLE_LIMITS`."""
+    report = unpack_untrusted(archive, target, archive.name, BUNDLE_LIMITS)
+    if report.counts["skipped"]:
+        logger.warning("%s: %d member(s) skipped while unpacking", archive.name, report.counts["skipped"])
+
+
+def _read_json(path: Path, what: str):
+    with path.open("rb") as handle:
+        data = handle.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} is larger than {MAX_JSON_BYTES // 1024} KiB; a trained bundle's is a few KiB")
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to read") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} is not valid JSON ({type(error).__name__})") from None
+
+
+def read_training_args(path: Path) -> dict:
+    """``training_args.json`` as a dict; what the predictor uses from it is checked where it is used."""
+    data = _read_json(path, "training_args.json")
+    if not isinstance(data, dict):
+        raise ValueError(f"training_args.json must hold a JSON object, got a JSON {type(data).__name__}")
+    tokens = data.get("inserting_list_tokens")
+    if tokens is not None and not (isinstance(tokens, list) and len(tokens) <= MAX_TOKENS
+                                   and all(isinstance(t, str) and 0 < len(t) <= MAX_TOKEN_CHARS for t in tokens)):
+        raise ValueError(f"training_args.json: inserting_list_tokens must be at most {MAX_TOKENS} token strings of at "
+                         f"most {MAX_TOKEN_CHARS} characters")
+    return data
+
+
+def read_token_dict(path: Path, training_args: dict, has_tokens: bool) -> dict[str, str]:
+    """``special_params.json``: one trigger mapped to exactly the tokens the bundle declares (or to itself when it
+    trained no tokens). Anything else would let the file rewrite prompts at will (a trigger mapped to 100,000
+    characters turns each use into a 100,000-character prompt)."""
+    data = _read_json(path, "special_params.json")
+    if not isinstance(data, dict) or not data:
+        raise ValueError("special_params.json must map the trigger to the new tokens, for example "
+                         '{"TOK": "<s0><s1>"}')
+    trigger, value = next(iter(data.items()))
+    if not isinstance(value, str) or not trigger.strip() or len(trigger) > MAX_TOKEN_CHARS:
+        raise ValueError(f"special_params.json: the trigger must be a word of at most {MAX_TOKEN_CHARS} characters "
+                         "mapped to text")
+    shown = value if len(value) <= 80 else f"{value[:60]}... ({len(value)} characters)"
+    if has_tokens:
+        tokens = training_args.get("inserting_list_tokens") or []
+        if not tokens:
+            raise ValueError("training_args.json names no inserting_list_tokens for the bundle's embeddings")
+        if value != "".join(tokens):
+            raise ValueError(f"special_params.json maps {trigger[:40]!r} to {shown!r}, not to the bundle's tokens "
+                             f"({''.join(tokens)!r})")
+    elif len(value) > MAX_TOKENS * MAX_TOKEN_CHARS:
+        raise ValueError(f"special_params.json maps {trigger[:40]!r} to {shown!r}, longer than "
+                         f"{MAX_TOKENS * MAX_TOKEN_CHARS} characters")
+    if len(data) > 1:
+        logger.warning("special_params.json: using the trigger %r; %d other entries ignored", trigger, len(data) - 1)
+    return {trigger: value}
