@@ -102,6 +102,9 @@ class PredictionService:
         device = device or os.environ.get(ENV_DEVICE, "auto")
         weight_type = weight_type or os.environ.get(ENV_WEIGHT_TYPE) or default_weight_type(device)
         root = Path(root or os.environ.get(ENV_PREDICT_DIR) or work_root() / "predict")
+        from trainer.models.loading import model_cache_dir, sweep_downloads
+
+        sweep_downloads(model_cache_dir())
         generator = Generator(device=device, weight_type=weight_type)
         from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag
 
@@ -148,7 +151,8 @@ class PredictionService:
     def _size(self, inputs: PredictionInputs) -> tuple[int, int]:
         """Missing sides default to the base model's native size (1024 for SDXL, 512 for SD1.5)."""
         pipe = self.generator.pipeline
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        # Never past the request bounds, whatever a model's configuration says.
+        native = min(pipe.unet.config.sample_size * pipe.vae_scale_factor, MAX_SIDE)
         return inputs.width or native, inputs.height or native
 
     def _save(self, images, inputs: PredictionInputs) -> list[Path]:

@@ -209,6 +209,19 @@ def max_model_bytes() -> int:
         raise ValueError(f"{ENV_MAX_MODEL_BYTES} must be a number of bytes, got {value!r}") from None
 
 
+#: A partial download untouched this long belongs to a process that is gone (live ones write continuously).
+STALE_PARTIAL_SECONDS = 600.0
+
+
+def sweep_downloads(cache_dir: Path) -> None:
+    """Remove partial checkpoint downloads that killed processes left in the cache (at start-up)."""
+    from trainer.utils.atomic import sweep_partials
+
+    removed = sweep_partials(Path(cache_dir) / "downloads", older_than=STALE_PARTIAL_SECONDS)
+    if removed:
+        logger.info("removed %d partial download(s) from %s", removed, Path(cache_dir) / "downloads")
+
+
 def forget_download(target: Path) -> None:
     """Remove a downloaded checkpoint and its cache folder (it failed to download or is not a checkpoint)."""
     import shutil

@@ -28,6 +28,7 @@ from typing import Any
 
 from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT, check_request
 from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, unwrap_inputs, work_root
+from trainer.utils.atomic import is_disk_full
 from trainer.utils.download import redact_text, stop_downloads_on
 from trainer.utils.s3 import S3Uri
 
@@ -317,12 +318,14 @@ class TrainingJob:
 
         target = object_key(self.request.destination, self.zip_path.name)
         self._client = s3_client(self.request.config.s3_endpoint_url)
+        # Recorded before the first byte goes out: a PUT can complete on the server after the cancellation reached
+        # us, and the clean-up must then know the key to delete.
+        self.uploaded = target
         logger.info("uploading %s to %s", self.zip_path.name, target)
         try:
             upload_file(self._client, self.zip_path, target, should_stop=self.stop.is_set)
         except UploadCancelled:
             raise TrainingCancelled("training was cancelled during the upload") from None
-        self.uploaded = target
         logger.info("uploaded %s", target)
 
     # ----------------------------------------------------------------------------------------- clean-up
@@ -339,7 +342,10 @@ class TrainingJob:
             self.uploaded = None
 
     def _prune(self) -> None:
-        """Remove stale run folders and all but the newest outputs of earlier jobs."""
+        """Remove stale run folders, all but the newest outputs of earlier jobs, and partial downloads."""
+        from trainer.models.loading import model_cache_dir, sweep_downloads
+
+        sweep_downloads(model_cache_dir())
         for folder in sorted((self.root / "jobs").glob("*")):
             shutil.rmtree(folder, ignore_errors=True)
         outputs = sorted((self.root / "outputs").glob("*"))
@@ -366,6 +372,9 @@ def run_training_job(inputs: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
         request = parse_training_request(inputs, defaults)
         return TrainingJob(request).run()
     except Exception as error:
+        if is_disk_full(error):
+            where = getattr(error, "filename", None) or work_root()
+            raise ValueError(f"the disk is full: could not write {where} (free space in {work_root()})") from None
         # cog shows the message as the job's error (and logs it): an input quoted in it may carry secrets.
         message = str(error)
         cleaned = redact_text(message)

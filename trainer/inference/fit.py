@@ -1,0 +1,118 @@
+"""Whether a LoRA bundle's tensors fit the base model, checked before any of them is loaded.
+
+A LoRA zip may come from anyone. diffusers and peft, given a file that does not fit, fail deep inside with messages
+such as ``invalid literal for int() with base 10: 'input'`` or a bare size-mismatch ``RuntimeError``; a file of NaNs
+loads and renders flat grey images. So every module a LoRA names must exist in the base model under one of the names
+kohya files use (diffusers' block names, or SGM names for SDXL UNets), with shapes that fit its weight, and every
+tensor must be finite. The same holds for token vectors and for a full UNet's configuration. Failures read
+"this LoRA does not match the base model: ...".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from trainer.config.schema import MAX_RANK
+from trainer.export.kohya import TE_PREFIXES, UNET_PREFIX, check_kohya_state, diffusers_to_sgm
+
+MISMATCH = "this LoRA does not match the base model"
+#: UNet configuration keys that may differ between a full fine-tune and its base (bookkeeping, not architecture).
+_UNET_BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+
+
+class LoraMismatch(ValueError):
+    """A bundle whose tensors or configuration do not fit the loaded base model."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{MISMATCH}: {detail}")
+
+
+def _layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {path: layer for path, layer in module.named_modules() if isinstance(layer, (torch.nn.Linear,
+                                                                                         torch.nn.Conv2d))}
+
+
+def kohya_modules(pipeline, version: str) -> dict[str, torch.nn.Module]:
+    """kohya name -> layer, for every linear and convolution layer a LoRA may adapt."""
+    names: dict[str, torch.nn.Module] = {}
+    layers_per_block = pipeline.unet.config.layers_per_block if version == "sdxl" else None
+    for path, layer in _layers(pipeline.unet).items():
+        names[f"{UNET_PREFIX}_{path.replace('.', '_')}"] = layer
+        if isinstance(layers_per_block, int):
+            with contextlib.suppress(ValueError):  # only attention blocks have SGM names
+                names[f"{UNET_PREFIX}_{diffusers_to_sgm(path, layers_per_block).replace('.', '_')}"] = layer
+    encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if version == "sdxl" else [])
+    for prefix, encoder in zip(TE_PREFIXES[version], encoders, strict=True):
+        for path, layer in _layers(encoder).items():
+            full = path if path.startswith("text_model.") else f"text_model.{path}"
+            names[f"{prefix}_{full.replace('.', '_')}"] = layer
+    return names
+
+
+def check_lora_state(state: dict[str, torch.Tensor], pipeline, version: str) -> None:
+    """Raise :class:`LoraMismatch` unless every tensor of the kohya ``state`` fits a layer of ``pipeline``."""
+    try:
+        check_kohya_state(state)
+    except ValueError as error:
+        raise LoraMismatch(str(error)) from None
+    modules = kohya_modules(pipeline, version)
+    for key, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise LoraMismatch(f"{key} holds NaN or infinite values")
+        module, _, part = key.partition(".")
+        layer = modules.get(module)
+        if layer is None:
+            raise LoraMismatch(f"{module} names no layer of this {version} model")
+        weight = layer.weight
+        if part == "lora_down.weight":
+            if tensor.shape[0] > MAX_RANK or tensor.dim() != weight.dim() or tensor.shape[1] != weight.shape[1]:
+                raise LoraMismatch(f"{key} has shape {tuple(tensor.shape)}; the layer takes {weight.shape[1]} inputs")
+        elif part == "lora_up.weight":
+            if tensor.dim() != weight.dim() or tensor.shape[0] != weight.shape[0]:
+                raise LoraMismatch(f"{key} has shape {tuple(tensor.shape)}; the layer gives {weight.shape[0]} outputs")
+        elif part == "alpha":
+            if tensor.numel() != 1:
+                raise LoraMismatch(f"{key} must be one number, has shape {tuple(tensor.shape)}")
+        elif part == "dora_scale" and tensor.shape[0] != weight.shape[0]:
+            raise LoraMismatch(f"{key} has shape {tuple(tensor.shape)}; the layer gives {weight.shape[0]} outputs")
+
+
+def check_token_vectors(vectors: dict[str, torch.Tensor], expected: dict[str, int], n_tokens: int, name: str) -> None:
+    """Each encoder's vectors: [n_tokens, width of that encoder], finite."""
+    for key, width in expected.items():
+        tensor = vectors.get(key)
+        if tensor is None:
+            raise LoraMismatch(f"{name} has no {key!r} vectors")
+        if tuple(tensor.shape) != (n_tokens, width):
+            raise LoraMismatch(f"{name}: {key} has shape {tuple(tensor.shape)}, expected ({n_tokens}, {width}) for "
+                               f"{n_tokens} tokens")
+        if not torch.isfinite(tensor).all():
+            raise LoraMismatch(f"{name}: {key} holds NaN or infinite values")
+
+
+def check_unet_config(folder: Path, base_config) -> None:
+    """A full UNet's architecture must be the base model's (its config could otherwise ask for any size)."""
+    path = Path(folder) / "config.json"
+    if path.stat().st_size > 1 << 20:
+        raise LoraMismatch("unet/config.json is larger than 1 MiB")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        raise LoraMismatch("unet/config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise LoraMismatch("unet/config.json must hold a JSON object")
+    base = {k: v for k, v in dict(base_config).items() if k not in _UNET_BOOKKEEPING}
+    for key, value in config.items():
+        if key in _UNET_BOOKKEEPING or key not in base:
+            continue
+        wanted = base[key]
+        if _normalised(value) != _normalised(wanted):
+            raise LoraMismatch(f"unet/config.json sets {key} to {str(value)[:80]}, the base model has {wanted}")
+
+
+def _normalised(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
