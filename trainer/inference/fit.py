@@ -32,8 +32,18 @@ class LoraMismatch(ValueError):
 
 
 def _layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {path: layer for path, layer in module.named_modules() if isinstance(layer, (torch.nn.Linear,
-                                                                                         torch.nn.Conv2d))}
+    """Linear and convolution layers by path; a layer that carries an adapter already (peft wraps it, keeping the
+    original as ``base_layer``) is listed under its own path, and the adapter's matrices are not layers of the
+    model."""
+    layers = {}
+    for path, layer in module.named_modules():
+        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        parts = path.split(".")
+        if any(part.startswith(("lora_A", "lora_B", "lora_magnitude")) for part in parts):
+            continue
+        layers[path.removesuffix(".base_layer")] = layer
+    return layers
 
 
 def kohya_modules(pipeline, version: str) -> dict[str, torch.nn.Module]:
