@@ -33,10 +33,12 @@ def train(
         description="Training images: URLs of images or of zip/tar archives, or s3://bucket/key URIs, separated by "
         "|, commas or new lines, or a JSON list. Captions can come as .txt files beside the images.",
     ),
-    input_images: Optional[Path] = Input(
+    # A string, not a cog Path: cog would download a Path's URL itself, before train() runs, with a client that
+    # follows any address. The URL is fetched by the trainer's own client (address checks, size cap, deadline).
+    input_images: Optional[str] = Input(
         default=None,
-        description="Or upload the training images as one zip or tar file (as Replicate's cog-sdxl trainer takes "
-        "them). Added to lora_training_urls.",
+        description="Or the training images as one zip or tar file (as Replicate's cog-sdxl trainer takes them): "
+        "its http(s) URL or a data: URL. Added to lora_training_urls.",
     ),
     concept_mode: str = Input(
         choices=["face", "style", "object"],

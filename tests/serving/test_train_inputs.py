@@ -146,28 +146,29 @@ def test_local_sources_need_the_operator_flag(monkeypatch, tmp_path):
     assert request.allow_local_sources is True
 
 
-def test_uploaded_input_images_join_the_sources():
-    """cog hands a data: upload over as a URLPath it decodes into a file of its own: admitted as a local source."""
-    from cog.types import Path as CogPath
-
-    upload = CogPath.validate("data:application/zip;base64,UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA==")
+def test_uploaded_input_images_join_the_sources(monkeypatch, tmp_path):
+    """A data: upload is decoded into the work folder and admitted as a local source; the job removes it."""
+    monkeypatch.setenv(ENV_WORK_DIR, str(tmp_path))
+    upload = "data:application/zip;base64,UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=="
     request = _request(input_images=upload, lora_training_urls=f"{URL} | https://example.com/b.jpg",
                        concept_mode="object")
-    written = request.config.lora_training_urls[2]
+    written = Path(request.config.lora_training_urls[2])
     assert request.config.lora_training_urls[:2] == [URL, "https://example.com/b.jpg"]
-    assert written.endswith(".zip") and Path(written).read_bytes().startswith(b"PK")
+    assert written.parent == tmp_path / "uploads" and written.read_bytes().startswith(b"PK")
+    assert request.uploads == [written]
     # The upload is a local file the server made itself: admitted, while typed local paths still are not.
     assert request.allow_local_sources is True and request.local_paths is False
     only_upload = _request(input_images=upload, concept_mode="object")
     assert len(only_upload.config.lora_training_urls) == 1
+    with pytest.raises(ValueError, match="input_images: the data: URL is not valid base64"):
+        _request(input_images="data:application/zip;base64,@@@", concept_mode="object")
 
 
 def test_an_upload_given_by_url_is_fetched_by_the_guarded_client_not_by_cog():
-    """cog's URLPath would download with a client that follows any address: its URL becomes a source instead."""
-    from cog.types import Path as CogPath
-
-    upload = CogPath.validate("http://127.0.0.1:9/internal.zip")
-    request = _request(input_images=upload, concept_mode="object")
+    """input_images is a string, so cog never downloads it; its URL becomes a source for the guarded client."""
+    assert inspect.signature(train_module.train).parameters["input_images"].annotation in (str, "Optional[str]") or \
+        "str" in str(inspect.signature(train_module.train).parameters["input_images"].annotation)
+    request = _request(input_images="http://127.0.0.1:9/internal.zip", concept_mode="object")
     assert request.config.lora_training_urls == ["http://127.0.0.1:9/internal.zip"]
     assert request.allow_local_sources is False
 

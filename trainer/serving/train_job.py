@@ -14,6 +14,8 @@ its disk.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -22,9 +24,10 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT, check_request
 from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, unwrap_inputs, work_root
@@ -35,6 +38,8 @@ from trainer.utils.s3 import S3Uri
 logger = logging.getLogger(__name__)
 
 ENV_KEEP_OUTPUTS = "TRAINER_KEEP_OUTPUTS"
+#: Where decoded data: uploads wait for their job (under the work folder).
+UPLOADS_DIR = "uploads"
 #: A pasted training_args.json is a few KiB; the text of the input is refused far beyond that.
 MAX_TRAINING_ARGS_CHARS = 256 * 1024
 
@@ -84,6 +89,8 @@ class TrainingRequest:
     destination: S3Uri | None = None
     local_paths: bool = False
     """Whether the config may name model files and folders on the server (the operator's switch)."""
+    uploads: list[Path] = field(default_factory=list)
+    """Files decoded from the request (``data:`` uploads), removed when the job ends."""
 
 
 def merge_inputs(inputs: Mapping[str, Any], defaults: Mapping[str, Any], training_args: Mapping[str, Any]
@@ -189,27 +196,25 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
                      destination, "output_uri")
     # A source that is a local file only because cog decoded an upload is admitted; others were checked above.
     return TrainingRequest(config=config, allow_local_sources=allow_local or local_upload, destination=destination,
-                           local_paths=allow_local)
+                           local_paths=allow_local,
+                           uploads=[Path(source) for source in uploaded if UPLOADS_DIR in Path(source).parts])
 
 
 def _uploaded_source(value: Any, allow_local: bool) -> tuple[str, bool]:
-    """The ``input_images`` upload as a training source, and whether it is a file cog wrote on this server.
+    """The ``input_images`` upload as a training source, and whether it is a file written on this server.
 
-    cog hands an upload over as a ``URLPath``: for an http(s) URL it would download on ``convert()`` with a client that
-    follows any address, so the URL becomes a source instead, fetched by this project's client (address checks, size
-    caps, deadline). A ``data:`` upload is decoded by cog, without network access. A plain path names a file on the
-    server: refused, like every local path in a request, unless the operator allows local sources.
+    An http(s) URL becomes a source, fetched by this project's client (address checks, size caps, deadline); a
+    ``data:`` URL is decoded here, within the download size cap. (A cog ``URLPath``, from a direct call, is read the
+    same way through its URL.) A plain path names a file on the server: refused, like every local path in a request,
+    unless the operator allows local sources.
     """
-    source = getattr(value, "source", None)
-    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):
-        return source, False
-    if isinstance(source, str) and source.lower().startswith("data:"):
-        return str(value.convert()), True
-    text = str(value).strip()
+    text = str(getattr(value, "source", None) or value).strip()
     if text.lower().startswith(("http://", "https://")):
         return text, False
-    if "://" in text or text.lower().startswith("data:"):
-        raise ValueError("input_images must be an uploaded file or an http(s) URL of a zip or tar archive")
+    if text.lower().startswith("data:"):
+        return str(_decode_data_url(text)), True
+    if "://" in text:
+        raise ValueError("input_images must be an http(s) URL or a data: URL of a zip or tar archive")
     if not allow_local:
         raise ValueError("input_images names a path on the server, which requests may not read; upload the file or "
                          f"give its http(s) URL (the operator can allow local paths with {ENV_ALLOW_LOCAL}=1)")
@@ -217,6 +222,28 @@ def _uploaded_source(value: Any, allow_local: bool) -> tuple[str, bool]:
     if not path.is_file():
         raise ValueError(f"input_images: the file {path.name!r} is missing on the server")
     return str(path), True
+
+
+def _decode_data_url(text: str) -> Path:
+    """A ``data:`` upload written to the work folder's ``uploads/`` (the job removes it when it ends)."""
+    from trainer.data.limits import DataLimits
+
+    header, comma, payload = text.partition(",")
+    limit = DataLimits().max_download_bytes
+    if not comma:
+        raise ValueError("input_images: a data: URL needs a comma before its data")
+    if len(payload) > limit * 4 // 3 + 4:
+        raise ValueError(f"input_images: the uploaded file is over the limit of {limit >> 20} MiB")
+    try:
+        data = (base64.b64decode("".join(payload.split()), validate=True) if header.lower().endswith(";base64")
+                else unquote_to_bytes(payload))
+    except (ValueError, binascii.Error):
+        raise ValueError("input_images: the data: URL is not valid base64") from None
+    folder = work_root() / UPLOADS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{secrets.token_hex(8)}-input_images"
+    path.write_bytes(data)
+    return path
 
 
 def object_key(destination: S3Uri, file_name: str) -> S3Uri:
@@ -282,6 +309,9 @@ class TrainingJob:
             # Also covers a cancellation that raced a finished job: its zip and upload must go too.
             _retrying(self.discard)
             raise
+        finally:
+            for upload in self.request.uploads:
+                upload.unlink(missing_ok=True)
 
     def _work(self) -> Path:
         from trainer.loop import TrainingCancelled, train
@@ -351,6 +381,10 @@ class TrainingJob:
         outputs = sorted((self.root / "outputs").glob("*"))
         for folder in outputs[: max(0, len(outputs) - (_keep_outputs() - 1))]:
             shutil.rmtree(folder, ignore_errors=True)
+        current = {str(upload) for upload in self.request.uploads}
+        for upload in (self.root / UPLOADS_DIR).glob("*"):
+            if str(upload) not in current:
+                upload.unlink(missing_ok=True)
 
 
 def _retrying(action: Callable[[], None], attempts: int = 3) -> None:
