@@ -93,6 +93,8 @@ def test_local_lora_paths_need_the_operator_flag(base_predictor, trained_sdxl, m
     ("given", "message"),
     [
         ({"prompt": ""}, "prompt: String should have at least 1 character"),
+        ({"prompt": "TOK " * 1000}, "prompt: String should have at most 2000 characters"),
+        ({"guidance_scale": float("nan")}, "guidance_scale: Input should be a finite number"),
         ({"width": 70}, r"width: must be a multiple of 8 \(got 70\)"),
         ({"num_outputs": 9}, "num_outputs: Input should be less than or equal to 4"),
         ({"scheduler": "euler"}, "scheduler: Input should be 'DDIM'"),
@@ -132,6 +134,8 @@ def test_predict_signature_matches_the_validation():
     assert [name for name in parameters if name != "self"] == list(fields)
     for name, field in fields.items():
         declared = parameters[name].default
+        lengths = {type(m).__name__: m for m in field.metadata}
+        assert declared.max_length == (lengths["MaxLen"].max_length if "MaxLen" in lengths else None), name
         if name == "prompt":
             assert declared.default is None and field.is_required()
             continue

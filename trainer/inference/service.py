@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainer.inference.bundle import LoraBundle
 from trainer.inference.generator import SCHEDULERS, GenerationRequest, Generator
 from trainer.inference.remote import BundleStore, describe
+from trainer.utils.download import redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ ENV_WEIGHT_TYPE = "TRAINER_WEIGHT_TYPE"
 ENV_PREDICT_DIR = "TRAINER_PREDICT_DIR"
 OUTPUT_FORMATS = {"webp": ("WEBP", ".webp"), "png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
 MAX_SIDE = 2048
+#: CLIP reads 77 tokens; a prompt far longer than that is a mistake or an attack on the tokenizer.
+MAX_PROMPT_CHARS = 2000
 
 
 class PredictionInputs(BaseModel):
@@ -37,10 +40,10 @@ class PredictionInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     lora_url: Optional[str] = None
     lora_scale: float = Field(default=1.0, ge=0.0, le=2.0)
-    negative_prompt: str = ""
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     width: Optional[int] = Field(default=None, ge=64, le=MAX_SIDE)
     height: Optional[int] = Field(default=None, ge=64, le=MAX_SIDE)
     num_outputs: int = Field(default=1, ge=1, le=4)
@@ -74,8 +77,11 @@ class PredictionInputs(BaseModel):
             for item in error.errors():
                 where = ".".join(str(part) for part in item["loc"]) or "input"
                 message = item["msg"].removeprefix("Value error, ")
-                problems.append(f"{where}: {message} (got {item.get('input')!r})")
-            raise ValueError("; ".join(problems)) from None
+                shown = repr(item.get("input"))
+                if len(shown) > 80:
+                    shown = f"{shown[:60]}... ({len(shown)} characters)"
+                problems.append(f"{where}: {message} (got {shown})")
+            raise ValueError(redact_text("; ".join(problems))) from None
 
 
 def default_weight_type(generator_device: str) -> str:
