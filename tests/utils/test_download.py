@@ -228,6 +228,11 @@ def test_a_connection_cut_mid_body_leaves_no_file(allowed_server, tmp_path):
     assert _files(tmp_path) == []
 
 
+def test_a_url_whose_port_cannot_be_read_is_a_clear_error(tmp_path):
+    with pytest.raises(DownloadError, match=r"not a valid URL \(its host or port cannot be read\)"):
+        download("http://127.0.0.1:99999/x", tmp_path / "x", retries=0)
+
+
 def test_only_http_and_https(allowed_server, tmp_path):
     allowed_server.redirect("/to-file", "file:///etc/passwd")
     with pytest.raises(DownloadError, match=r"redirected to 'file:///etc/passwd', which is not an http\(s\) URL"):

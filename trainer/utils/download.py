@@ -443,11 +443,14 @@ def _open(url: str, shown: str, timeout: tuple[float, float], watchdog: _Watchdo
     """Send the GET, following redirects; every hop's host is resolved and checked before it is contacted."""
     first_origin = None
     for _hop in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
+        try:
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise DownloadError(f"{shown}: not a valid URL (its host or port cannot be read)") from None
         if scheme not in ("http", "https") or not parts.hostname:
             raise DownloadError(f"{shown}: redirected to {redact_url(url)!r}, which is not an http(s) URL")
-        port = parts.port or (443 if scheme == "https" else 80)
         origin = (scheme, parts.hostname.lower(), port)
         first_origin = first_origin or origin
         addresses = resolve_checked(parts.hostname, port, shown, allowed)
@@ -469,6 +472,9 @@ def _open(url: str, shown: str, timeout: tuple[float, float], watchdog: _Watchdo
                 connection.request("GET", path, headers=headers)
                 response = connection.getresponse()
                 break
+            except http.client.InvalidURL:  # control characters in the path: never sent
+                connection.close()
+                raise DownloadError(f"{shown}: not a valid URL (it contains control characters)") from None
             except ConnectionRefusedError:
                 connection.close()
                 if index == len(addresses) - 1:
