@@ -263,3 +263,23 @@ def test_a_full_disk_names_the_file(allowed_server, monkeypatch, tmp_path):
         download(url, tmp_path / "cache" / "f.bin", retries=2)
     assert len(allowed_server.requests) == 1, "a full disk is not retried"
     assert _files(tmp_path / "cache") == []
+
+
+def test_secrets_are_redacted_from_text_values_and_log_records():
+    import logging
+
+    from trainer.utils.download import redact_text, redact_values
+    from trainer.utils.logs import RedactSecrets
+
+    text = "a https://alice:hunter2@h.example/p.zip?X-Amz-Signature=SIG | http://plain.example/x.zip, s3://b/k"
+    assert redact_text(text) == "a https://h.example/p.zip?… | http://plain.example/x.zip, s3://b/k"
+    assert redact_values({"urls": [text], "n": 3}) == {"urls": [redact_text(text)], "n": 3}
+    try:
+        raise ValueError("fetching https://u:pw@h.example/a?sig=SIG failed")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "source %s", ("https://h.example/b?token=TOK",),
+                                   exc_info=__import__("sys").exc_info())
+    assert RedactSecrets().filter(record)
+    formatted = logging.Formatter().format(record)
+    assert "SIG" not in formatted and "TOK" not in formatted and "pw@" not in formatted
+    assert "https://h.example/b?…" in formatted and "https://h.example/a?…" in formatted
