@@ -29,6 +29,7 @@ class Predictor(BaseRunner):
     def run(
         self,
         prompt: str = Input(
+            max_length=2000,
             description="The prompt. Write TOK for the trained concept (it becomes the trained tokens), for example "
             "'a photo of TOK on a beach'.",
         ),
@@ -38,7 +39,7 @@ class Predictor(BaseRunner):
             "the LoRA the predictor was started with, else the plain base model.",
         ),
         lora_scale: float = Input(default=1.0, ge=0.0, le=2.0, description="Strength of the LoRA."),
-        negative_prompt: str = Input(default="", description="What the images should not show."),
+        negative_prompt: str = Input(default="", max_length=2000, description="What the images should not show."),
         width: Optional[int] = Input(
             default=None, ge=64, le=2048, description="Width in pixels, a multiple of 8. Default: the model's size."
         ),

@@ -24,19 +24,21 @@ class TrainingOutput(BaseModel):
 
 def train(
     name: Optional[str] = Input(
-        default=None,
+        default=None, max_length=128,
         description="Name of the LoRA and of its files (ComfyUI and A1111 use `<name>_embeddings` as the trigger). "
         "Default: the concept mode and the time.",
     ),
     lora_training_urls: Optional[str] = Input(
-        default=None,
+        default=None, max_length=512000,
         description="Training images: URLs of images or of zip/tar archives, or s3://bucket/key URIs, separated by "
         "|, commas or new lines, or a JSON list. Captions can come as .txt files beside the images.",
     ),
-    input_images: Optional[Path] = Input(
+    # A string, not a cog Path: cog would download a Path's URL itself, before train() runs, with a client that
+    # follows any address. The URL is fetched by the trainer's own client (address checks, size cap, deadline).
+    input_images: Optional[str] = Input(
         default=None,
-        description="Or upload the training images as one zip or tar file (as Replicate's cog-sdxl trainer takes "
-        "them). Added to lora_training_urls.",
+        description="Or the training images as one zip or tar file (as Replicate's cog-sdxl trainer takes them): "
+        "its http(s) URL or a data: URL. Added to lora_training_urls.",
     ),
     concept_mode: str = Input(
         choices=["face", "style", "object"],
@@ -50,7 +52,7 @@ def train(
     ),
     max_train_steps: int = Input(default=300, ge=1, le=20000, description="Number of training steps."),
     checkpointing_steps: int = Input(
-        default=10000, ge=0, description="Save an intermediate checkpoint every N steps (0: only at the end)."
+        default=10000, ge=0, le=20000, description="Save an intermediate checkpoint every N steps (0: only at the end)."
     ),
     resolution: int = Input(
         default=512, ge=64, le=2048,
@@ -73,7 +75,8 @@ def train(
         default=None, ge=0.0, le=2.0, description="LoRA scale of the sample images. Default: 1.0."
     ),
     seed: Optional[int] = Input(
-        default=None, description="Random seed; the same seed and inputs train the same LoRA. Default: random."
+        default=None, ge=0, le=4294967295,
+        description="Random seed; the same seed and inputs train the same LoRA. Default: random."
     ),
     caption_model: str = Input(
         default="florence",
@@ -81,10 +84,11 @@ def train(
         description="Captions images that have no caption file. gpt4-v needs OPENAI_API_KEY on the server.",
     ),
     caption_prefix: str = Input(
-        default="", description="Text put before every caption, after the trigger (for example 'a photo of')."
+        default="", max_length=2000,
+        description="Text put before every caption, after the trigger (for example 'a photo of')."
     ),
     mask_target_prompts: Optional[str] = Input(
-        default=None,
+        default=None, max_length=2000,
         description="Text prompts for CLIPSeg masks that weight the loss and guide crops (for example 'a face').",
     ),
     use_face_detection_instead: bool = Input(

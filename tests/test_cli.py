@@ -62,4 +62,4 @@ def test_missing_device_is_reported(tmp_path, model_cache):
 def test_docs_prints_the_parameter_table():
     result = subprocess.run([sys.executable, "-m", "trainer", "docs"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0
-    assert "| `freeze_ti_after_completion_f` | `float` | `0.7` |" in result.stdout
+    assert "| `freeze_ti_after_completion_f` | `float` | in [0, 1] | `0.7` |" in result.stdout

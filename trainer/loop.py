@@ -309,10 +309,15 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
 
 def train(config: TrainingConfig, *, run_dir: Path | None = None, dataset: PreparedDataset | None = None,
           should_stop: Callable[[], bool] | None = None, on_progress: Callable[[ProgressEvent], None] | None = None,
-          allow_local_sources: bool = True, make_zip: bool = True) -> RunResult:
-    """Run one training job end to end and return where its outputs are."""
+          allow_local_sources: bool = True, local_paths: bool = True, make_zip: bool = True) -> RunResult:
+    """Run one training job end to end and return where its outputs are.
+
+    ``allow_local_sources`` admits local training sources, ``local_paths`` local model files and folders: both are
+    the operator's (the command line), and off for requests from the network unless the operator allows them.
+    """
     wall_start = time.perf_counter()
-    session, state = setup(config, run_dir=run_dir, dataset=dataset, allow_local_sources=allow_local_sources)
+    session, state = setup(config, run_dir=run_dir, dataset=dataset, allow_local_sources=allow_local_sources,
+                           local_paths=local_paths)
     result = run(session, state, should_stop=should_stop, on_progress=on_progress, make_zip=make_zip)
     result.timings["total_s"] = time.perf_counter() - wall_start
     return result

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from trainer.config import TrainingConfig
+from trainer.config.schema import MAX_TRAIN_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -63,5 +64,11 @@ def resolve_total_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
         config.max_train_steps is None or not config.explicitly_set("max_train_steps")
     )
     if use_epochs:
-        return config.num_train_epochs * steps_per_epoch
+        total = config.num_train_epochs * steps_per_epoch
+        if total > MAX_TRAIN_STEPS:
+            raise ValueError(
+                f"num_train_epochs {config.num_train_epochs} × {steps_per_epoch} steps per epoch is {total} steps, "
+                f"over the limit of {MAX_TRAIN_STEPS}; use fewer epochs or set max_train_steps"
+            )
+        return total
     return config.max_train_steps

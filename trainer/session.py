@@ -17,7 +17,7 @@ from trainer import checkpoint as ckpt
 from trainer.adapters import lora as lora_adapters
 from trainer.adapters.tokens import CONCEPT_INIT_WORDS, NewTokens, TokenInit
 from trainer.config import TrainingConfig, save_config
-from trainer.config.schema import default_token_list
+from trainer.config.schema import MAX_TOKENS, default_token_list
 from trainer.data.captions import replace_trigger
 from trainer.data.dataset import BatchPlan, LatentSource
 from trainer.data.manifest import PreparedDataset
@@ -92,6 +92,9 @@ def _resolve_tokens(config: TrainingConfig, tokenizer) -> None:
     n = len(tokenizer(config.initial_phrase, add_special_tokens=False).input_ids)
     if n == config.n_tokens:
         return
+    if n > MAX_TOKENS:
+        raise ValueError(f"initial_phrase {config.initial_phrase[:80]!r} has {n} tokens, more than the {MAX_TOKENS} "
+                         "new tokens a concept may have; use a shorter phrase")
     if config.explicitly_set("n_tokens") or config.explicitly_set("inserting_list_tokens"):
         raise ValueError(
             f"initial_phrase {config.initial_phrase!r} has {n} tokens but n_tokens is {config.n_tokens}; leave "
@@ -103,7 +106,7 @@ def _resolve_tokens(config: TrainingConfig, tokenizer) -> None:
 
 
 def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: PreparedDataset | None = None,
-          allow_local_sources: bool = True) -> tuple[Session, dict | None]:
+          allow_local_sources: bool = True, local_paths: bool = True) -> tuple[Session, dict | None]:
     timings: dict[str, float] = {}
     config = config.model_copy(deep=True)
     from trainer.device import select_device
@@ -128,7 +131,8 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     cache_dir = model_cache_dir(config.model_cache_dir)
 
     started = time.perf_counter()
-    source = resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, cache_dir)
+    source = resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, cache_dir,
+                            local_paths=local_paths)
     # The main process loads first, so that downloads and fixture builds into the shared cache happen once.
     if not dist.is_main:
         dist.barrier()

@@ -118,23 +118,23 @@ def test_unknown_keys_get_a_suggestion():
         ({"token_dict": {"TOK": "<x>"}},
          r"token_dict\['TOK'\] must be the new tokens joined \('<s0><s1><s2>'\).*got '<x>'"),
         ({"inserting_list_tokens": ["<a>", "<a>"]}, r"inserting_list_tokens must be distinct"),
-        ({"n_tokens": 0}, r"n_tokens must be >= 1 \(or set disable_ti: true\), got 0"),
-        ({"caption_dropout": 1.5}, r"caption_dropout is a fraction and must be in \[0, 1\], got 1.5"),
-        ({"freeze_ti_after_completion_f": -0.1}, r"freeze_ti_after_completion_f is a fraction .* got -0.1"),
-        ({"freeze_unet_before_completion_f": 2}, r"freeze_unet_before_completion_f is a fraction .* got 2"),
+        ({"n_tokens": 0}, r"n_tokens must be in \[1, 16\], got 0"),
+        ({"caption_dropout": 1.5}, r"caption_dropout must be in \[0, 1\], got 1.5"),
+        ({"freeze_ti_after_completion_f": -0.1}, r"freeze_ti_after_completion_f must be in \[0, 1\], got -0.1"),
+        ({"freeze_unet_before_completion_f": 2}, r"freeze_unet_before_completion_f must be in \[0, 1\], got 2"),
         ({"max_train_steps": None}, r"set max_train_steps or num_train_epochs: both are null"),
-        ({"max_train_steps": 0}, r"max_train_steps must be >= 1, got 0"),
-        ({"num_train_epochs": 0}, r"num_train_epochs must be >= 1, got 0"),
+        ({"max_train_steps": 0}, r"max_train_steps must be in \[1, 20000\], got 0"),
+        ({"num_train_epochs": 0}, r"num_train_epochs must be in \[1, 20000\], got 0"),
         ({"resolution": 500}, r"resolution must be a multiple of 64 .* got 500"),
         ({"train_img_size": [512, 500]}, r"train_img_size must be \[width, height\].*got \[512, 500\]"),
-        ({"validation_img_size": [512]}, r"validation_img_size as a list must be \[width, height\]"),
-        ({"train_aspect_ratio": 9.0}, r"train_aspect_ratio .* must be in \[0.25, 4\], got 9.0"),
-        ({"train_batch_size": 0}, r"train_batch_size must be >= 1, got 0"),
-        ({"unet_lr": -1}, r"unet_lr must be >= 0, got -1"),
-        ({"lora_alpha_multiplier": 0}, r"lora_alpha_multiplier must be > 0, got 0"),
-        ({"unet_prodigy_growth_factor": 0.5}, r"unet_prodigy_growth_factor must be >= 1"),
-        ({"max_grad_norm": 0}, r"max_grad_norm must be > 0"),
-        ({"max_checkpoints": 0}, r"max_checkpoints must be >= 1"),
+        ({"validation_img_size": [512]}, r"validation_img_size must be .*or a list of exactly 2 items.*got \[512\]"),
+        ({"train_aspect_ratio": 9.0}, r"train_aspect_ratio must be in \[0.25, 4\], got 9.0"),
+        ({"train_batch_size": 0}, r"train_batch_size must be in \[1, 64\], got 0"),
+        ({"unet_lr": -1}, r"unet_lr must be in \[0, 1\], got -1"),
+        ({"lora_alpha_multiplier": 0}, r"lora_alpha_multiplier must be in \(0, 256\], got 0"),
+        ({"unet_prodigy_growth_factor": 0.5}, r"unet_prodigy_growth_factor must be in \[1, 100\]"),
+        ({"max_grad_norm": 0}, r"max_grad_norm must be in \(0, 10000\]"),
+        ({"max_checkpoints": 0}, r"max_checkpoints must be in \[1, 20000\]"),
         ({"initializer_token": "dog", "initial_phrase": "a dog"},
          r"set at most one of initializer_token, initial_phrase"),
         ({"initializer_token": "big dog"}, r"initializer_token must be a single word, got 'big dog'"),
@@ -146,7 +146,7 @@ def test_unknown_keys_get_a_suggestion():
         ({"device": "tpu"}, r"device must be one of"),
         ({"concept_mode": "faces"}, r"concept_mode: Input should be 'face', 'style' or 'object' \(got 'faces'\)"),
         ({"lora_training_urls": "  "}, r"lora_training_urls is empty"),
-        ({"snr_gamma": -1}, r"snr_gamma must be >= 0"),
+        ({"snr_gamma": -1}, r"snr_gamma must be in \[0, 1000\]"),
     ],
 )
 def test_cross_field_rules_name_fields_and_values(overrides, message):
@@ -180,3 +180,83 @@ def test_config_file_errors(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must hold a JSON object"):
         load_config(bad)
+
+
+# ------------------------------------------------------------------------------------------------------- bounds
+#: The values the issue found accepted behind train.py, each far past what a sensible job needs.
+HOSTILE_NUMBERS = {
+    "resolution": 99968, "train_batch_size": 100000, "gradient_accumulation_steps": 1e9, "n_tokens": 1000,
+    "max_train_steps": 1e9, "lora_rank": 100000, "n_sample_imgs": 1e6, "unet_lr": 50, "augment_imgs_up_to_n": 1e7,
+    "dataloader_num_workers": 1e5, "text_encoder_lora_rank": 4096, "num_train_epochs": 1e9,
+    "validation_num_inference_steps": 1e6, "checkpointing_steps": -1, "max_train_images": 10**7, "seed": -5,
+}
+#: The largest sensible job: every bound admits it.
+LARGEST_JOB = {
+    "resolution": 2048, "train_batch_size": 64, "max_train_steps": 20000, "lora_rank": 256, "n_tokens": 16,
+    "n_sample_imgs": 32, "text_encoder_lora_rank": 256, "gradient_accumulation_steps": 64, "augment_imgs_up_to_n": 1000,
+    "validation_img_size": [2048, 2048], "train_img_size": [2048, 1024], "dataloader_num_workers": 32,
+}
+
+
+def test_every_number_has_both_ends_bounded_in_its_type():
+    """The bound lives in the field type (so the README, the JSON schema and every entry point share it)."""
+    from trainer.config.schema import field_bounds
+
+    hints = typing.get_type_hints(TrainingConfig)
+    numeric = [name for name, hint in hints.items() if {"int", "float"} & set(str(hint).replace("[", " ").replace(
+        "]", " ").replace(",", " ").split()) or hint in (int, float, typing.Optional[int], typing.Optional[float])]
+    assert len(numeric) >= 40
+    for name in numeric:
+        bounds = field_bounds(name)
+        if bounds.items is not None:  # a list of numbers: its length and each item
+            assert bounds.max_length is not None, name
+            bounds = bounds.items
+        assert bounds.ge is not None or bounds.gt is not None, name
+        assert bounds.le is not None or bounds.lt is not None, name
+
+
+def test_the_largest_sensible_job_fits_the_bounds():
+    config = load_config({**MINIMAL, **LARGEST_JOB})
+    assert config.resolution == 2048 and config.n_tokens == 16 and len(config.inserting_list_tokens) == 16
+
+
+@pytest.mark.parametrize(("field", "value"), sorted(HOSTILE_NUMBERS.items()))
+def test_numbers_past_the_bounds_are_refused_from_a_file_and_from_the_command_line(field, value, tmp_path):
+    """The CLI (a JSON file, `--set key=value`) meets the same bounds as the cog inputs and training_args."""
+    with pytest.raises(ConfigError, match=rf"{field} must be (in|≥|≤)"):
+        load_config({**MINIMAL, field: value})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MINIMAL))
+    with pytest.raises(ConfigError, match=rf"{field} must be (in|≥|≤)"):
+        load_config(path, parse_overrides([f"{field}={json.dumps(value)}"]))
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field", ["validation_guidance_scale", "unet_lr", "snr_gamma", "noise_offset",
+                                   "train_aspect_ratio", "sample_imgs_lora_scale", "max_grad_norm"])
+def test_nan_and_infinity_are_refused_in_every_float(field, text):
+    """JSON parsers (Python's, the CLI's --set) accept NaN and Infinity; no float field does."""
+    overrides = parse_overrides([f"{field}={text}"])
+    with pytest.raises(ConfigError, match=rf"{field} must be a finite number"):
+        load_config({**MINIMAL, **overrides})
+    with pytest.raises(ConfigError, match=r"evaluation_lora_scales.1 must be a finite number"):
+        load_config({**MINIMAL, "evaluation_lora_scales": [1.0, float(text.lower().replace("infinity", "inf"))]})
+    with pytest.raises(ConfigError, match=r"training_attributes.x must hold finite numbers"):
+        load_config({**MINIMAL, "training_attributes": {"x": float(text.lower().replace("infinity", "inf"))}})
+
+
+def test_lengths_are_bounded_and_messages_stay_short():
+    with pytest.raises(ConfigError, match=r"name must be at most 128 characters, got 'xxx.*\(1000 characters\)$"):
+        load_config({**MINIMAL, "name": "x" * 1000})
+    with pytest.raises(ConfigError, match=r"inserting_list_tokens must be at most 16 items"):
+        load_config({**MINIMAL, "inserting_list_tokens": [f"<t{i}>" for i in range(40)]})
+    with pytest.raises(ConfigError, match=r"training_attributes\.a.* is nested more than 8 levels deep"):
+        load_config({**MINIMAL, "training_attributes": {"a": [[[[[[[[[[1]]]]]]]]]]}})
+
+
+def test_the_readme_table_shows_each_bound_and_choice():
+    table = parameter_table()
+    assert "| `resolution` | `int` | in [64, 2048] | `512` |" in table
+    assert "| `concept_mode` | `Literal['face', 'style', 'object']` | one of face, style, object |" in table
+    assert "| `lora_alpha_multiplier` | `float` | in (0, 256] |" in table
+    assert "| `train_img_size` | `Optional[list[int]]` | 1 to 2 items, each in [64, 2048] |" in table

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import settings
 
 from tests.data.factories import Sandbox, make_sandbox
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 # Property tests keep no example database in the work tree: each run draws afresh (CI runs on fresh clones anyway).
 settings.register_profile("trainer-data", database=None, deadline=None)
@@ -69,7 +70,13 @@ class FileServer:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeouts)
                     self.wfile.write(route.body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class CountingServer(ThreadingHTTPServer):
+            def verify_request(self, request, client_address) -> bool:
+                server.connections += 1  # every accepted TCP connection, before any byte is read
+                return True
+
+        self.connections = 0
+        self.httpd = CountingServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -92,7 +99,17 @@ class FileServer:
 
 
 @pytest.fixture
-def http_server():
+def http_server(monkeypatch):
+    """The server, reachable by the downloader: the operator's allowance names this one address and port only."""
+    server = FileServer()
+    monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, server.base.removeprefix("http://"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def forbidden_server():
+    """A server on 127.0.0.1 that no allowance names: downloads must never reach it (its hits stay zero)."""
     server = FileServer()
     yield server
     server.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,48 @@ def zip_bomb(path: Path, size: int = 48 * MiB) -> Path:
         for _ in range(size // MiB):
             member.write(block)
     return path
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush()
+
+
+@dataclass
+class RawMember:
+    """One member of a hand-built zip: its name, its deflated data, and the size and CRC of what that inflates to."""
+
+    name: str
+    packed: bytes
+    size: int
+    crc: int
+
+    @classmethod
+    def of(cls, name: str, data: bytes) -> RawMember:
+        return cls(name, raw_deflate(data), len(data), zlib.crc32(data))
+
+
+def handmade_zip(members: list[RawMember], central: list[tuple[int, int | None]] | None = None) -> bytes:
+    """A zip written byte by byte: local headers and data for ``members``, then a central directory whose entries are
+    ``central`` (member index, compressed size override): several entries may point at one member, or claim more data
+    than it has (overlapping entries, as zip bombs and parser-confusion attacks build them)."""
+    out = bytearray()
+    offsets = []
+    for member in members:
+        name = member.name.encode()
+        offsets.append(len(out))
+        out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 0, member.crc, len(member.packed),
+                           member.size, len(name), 0) + name + member.packed
+    start = len(out)
+    entries = central if central is not None else [(i, None) for i in range(len(members))]
+    for index, packed_size in entries:
+        member = members[index]
+        name = member.name.encode()
+        out += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, member.crc,
+                           packed_size if packed_size is not None else len(member.packed), member.size, len(name), 0,
+                           0, 0, 0, 0, offsets[index]) + name
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(out) - start, start, 0)
+    return bytes(out)
 
 
 def lying_zip(path: Path, declared: int) -> Path:

@@ -12,10 +12,12 @@ import pytest
 
 from tests.data.factories import (
     MiB,
+    RawMember,
     bomb_png_header,
     config,
     encrypted_zip,
     fast_limits,
+    handmade_zip,
     jpeg,
     lying_zip,
     png,
@@ -28,6 +30,7 @@ from tests.data.factories import (
     zip_with_symlink,
 )
 from trainer.data.errors import ArchiveError, DataError, SourceError
+from trainer.data.limits import DataLimits
 from trainer.data.prepare import SCRATCH_DIR, prepare_dataset
 
 
@@ -267,3 +270,115 @@ def test_every_tar_flavour_unpacks(sandbox, mode, name):
     path.write_bytes(tar_bytes({"photos/a.png": png(1), "photos/a.txt": b"a caption from the tar"}, mode=mode))
     dataset = _prepare(sandbox, path)
     assert [s.caption for s in dataset.samples] == ["TOK, a caption from the tar"]
+
+
+# ------------------------------------------------------------------------------------- bombs that look harmless
+def test_many_members_each_under_the_ratio_check_are_a_bomb_together(sandbox):
+    """The issue's case: 64 members of 31 MiB zeros in a 2 MiB zip (2 GiB), each below the per-member check."""
+    zeros = RawMember.of("zeros.bin", bytes(31 * MiB))
+    members = [RawMember(f"part{i:02d}.bmp", zeros.packed, zeros.size, zeros.crc) for i in range(64)]
+    archive = sandbox.inputs / "quiet-bomb.zip"
+    archive.write_bytes(handmade_zip(members))
+    assert archive.stat().st_size < 3 * MiB
+    message = _expect_error(sandbox, archive, ArchiveError, "quiet-bomb.zip", "unpacks to 1.9 GiB from",
+                            "zip bomb", limits=DataLimits(max_total_bytes=16 << 30))
+    assert "part00" not in message  # no single member is to blame: the archive as a whole is
+
+
+def test_central_directory_entries_pointing_at_one_member_are_refused(sandbox):
+    """The issue's case: a 61 KiB zip whose central directory names one member 64 times."""
+    member = RawMember.of("photo.png", png(1, 320, 240))
+    archive = sandbox.inputs / "echo.zip"
+    archive.write_bytes(handmade_zip([member], central=[(0, None)] * 64))
+    _expect_error(sandbox, archive, ArchiveError, "echo.zip", "point at the same data", "photo.png")
+
+
+def test_overlapping_central_directory_entries_are_refused(sandbox):
+    first, second = RawMember.of("a.png", png(1)), RawMember.of("b.png", png(2))
+    archive = sandbox.inputs / "overlap.zip"
+    # a.png claims more compressed bytes than it has: its data would run into b.png's header.
+    archive.write_bytes(handmade_zip([first, second], central=[(0, len(first.packed) + 64), (1, None)]))
+    _expect_error(sandbox, archive, ArchiveError, "overlap.zip", "overlap", "a.png")
+
+
+def test_duplicate_names_are_renamed_in_linear_time(sandbox, monkeypatch):
+    """2,500 members of one name: each gets its own file without probing the disk name after name."""
+    import pathlib
+
+    members = [RawMember.of("same.txt", f"caption {i}".encode()) for i in range(2500)]
+    archive = sandbox.inputs / "same.zip"
+    archive.write_bytes(handmade_zip(members))
+    probes = []
+    real_exists = pathlib.Path.exists
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self, *a, **k: probes.append(1) or real_exists(self, *a, **k))
+    from trainer.data.ingest.archives import unpack_untrusted
+
+    report = unpack_untrusted(archive, sandbox.work_dir / "out", "same.zip", DataLimits())
+    written = sorted(p.name for p in (sandbox.work_dir / "out").iterdir())
+    assert len(written) == 2500 and written[:3] == ["same.txt", "same~10.txt", "same~100.txt"]
+    assert report.counts["skipped"] == 0
+    assert len(probes) < 100, f"{len(probes)} existence probes for 2,500 members"
+
+
+def test_a_file_clashing_with_a_folder_is_skipped_by_name(sandbox):
+    archive = sandbox.inputs / "clash.zip"
+    archive.write_bytes(zip_bytes({"a.png": png(1), "a.png/b.png": png(2), "dir/c.png": png(3), "dir": png(4)}))
+    dataset = _prepare(sandbox, archive)
+    assert sorted(s.source.split(" ")[0] for s in dataset.samples) == ["a.png", "dir/c.png", "dir~2"]
+    assert any("a.png/b.png" in w and "inside a file of the same name" in w for w in dataset.info["warnings"])
+
+
+def test_a_huge_gnu_long_name_is_refused_before_it_is_read(sandbox):
+    """The issue's case: a tar header announcing a 64 MiB name; tarfile would read it all into memory."""
+    header = tarfile.TarInfo("././@LongLink")
+    header.type = tarfile.GNUTYPE_LONGNAME
+    header.size = 64 * MiB
+    payload = header.tobuf(format=tarfile.GNU_FORMAT) + b"a" * (64 * MiB) + bytes(512)
+    archive = sandbox.inputs / "longname.tar.gz"
+    archive.write_bytes(__import__("gzip").compress(payload, compresslevel=1))
+    message = _expect_error(sandbox, archive, ArchiveError, "longname.tar.gz", "64.0 MiB header record",
+                            limits=fast_limits(max_total_bytes=1 << 30))
+    assert "aaaa" not in message
+
+
+def test_files_created_are_capped_across_nested_archives(sandbox):
+    """The issue's case, scaled down: copies of an inner zip of empty files; every file counts, empty or not."""
+    inner = zip_bytes({f"empty{i:04d}.txt": b"" for i in range(100)})
+    archive = sandbox.inputs / "copies.zip"
+    archive.write_bytes(zip_bytes({f"copy{i}.zip": inner for i in range(5)}))
+    _expect_error(sandbox, archive, DataError, "more than 300 files in total", "nested archives count too",
+                  limits=fast_limits(max_total_files=300))
+
+
+def test_skips_are_summarised_per_archive(sandbox, caplog):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(300):
+            archive.writestr(f"../escape{i}.png", b"x")
+        archive.writestr("ok.png", png(1))
+    path = sandbox.inputs / "noisy.zip"
+    path.write_bytes(buffer.getvalue())
+    with caplog.at_level(logging.WARNING):
+        dataset = _prepare(sandbox, path)
+    assert len(dataset) == 1
+    lines = [r.getMessage() for r in caplog.records if "escape" in r.getMessage()]
+    assert len(lines) == 20, len(lines)
+    assert any("noisy.zip: 280 more members skipped (280 × unsafe path in archive)" in r.getMessage()
+               for r in caplog.records)
+    assert dataset.info["skipped"] == 300
+
+
+def test_a_full_disk_while_unpacking_names_the_file(sandbox, monkeypatch):
+    import errno
+
+    from trainer.data.ingest import budget
+
+    archive = sandbox.inputs / "photos.zip"
+    archive.write_bytes(zip_bytes({"a.png": png(1)}))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(budget, "copy_capped", full)
+    monkeypatch.setattr("trainer.data.ingest.archives.copy_capped", full)
+    _expect_error(sandbox, archive, ValueError, "the disk is full: could not write", "a.png", "free space in")

@@ -175,3 +175,43 @@ def test_caption_tables_round_trip(tmp_path_factory, rows, kind):
         expected = clean_caption_text(caption)
         assert (found.text if found else "") == expected
     assert not report.warnings
+
+
+def test_binary_and_escape_sequence_captions_are_refused_or_cleaned_by_name(tmp_path):
+    root = tmp_path / "set"
+    root.mkdir()
+    for name in ("bin.png", "ansi.png", "nul.png"):
+        (root / name).write_bytes(b"x")
+    (root / "bin.txt").write_bytes(bytes(range(128, 256)) * 4)  # not text at all
+    (root / "nul.txt").write_bytes(b"a cat\x00\x00\x00sitting")
+    (root / "ansi.txt").write_bytes(b"a \x1b[31mred\x1b[0m bicycle\x07\x1b]0;pwned\x07")
+    report = PrepReport()
+    index = CaptionIndex([], fast_limits(), report)
+    assert index.lookup(_candidate(root / "bin.png", root), report) is None
+    assert index.lookup(_candidate(root / "nul.png", root), report) is None
+    assert index.lookup(_candidate(root / "ansi.png", root), report).text == "a red bicycle"
+    warnings = " | ".join(report.warnings)
+    assert "caption file bin.txt of" in warnings and "not UTF-8 text (binary data?)" in warnings
+    assert "caption file nul.txt of" in warnings and "binary data, not text" in warnings
+    assert "removed control characters or terminal escapes from the caption file ansi.txt" in warnings
+
+
+def test_a_bad_metadata_line_is_skipped_with_a_warning_like_the_others(tmp_path):
+    """A line nested 100,000 deep (RecursionError in the JSON parser) costs that line, not the job."""
+    root = tmp_path / "set"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        (root / name).write_bytes(b"x")
+    table = root / "metadata.jsonl"
+    table.write_text(json.dumps({"file_name": "a.png", "text": "first"}) + "\n"
+                     + '{"file_name": "x.png", "text": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+                     + "[1, 2]\n"
+                     + json.dumps({"file_name": "b.png", "text": "second \x1b[1mbold\x1b[0m"}) + "\n")
+    report = PrepReport()
+    index = CaptionIndex([CaptionTable(table, "photos.zip/metadata.jsonl")], fast_limits(), report)
+    assert index.lookup(_candidate(root / "a.png", root), report).text == "first"
+    assert index.lookup(_candidate(root / "b.png", root), report).text == "second bold"
+    warnings = " | ".join(report.warnings)
+    assert "photos.zip/metadata.jsonl: ignored 2 line(s) that are not JSON objects" in warnings
+    assert "(line 2, 3)" in warnings
+    assert "photos.zip/metadata.jsonl: removed control characters or terminal escapes from 1 caption(s)" in warnings

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from tests.evaluate.conftest import EMBED_DIM, build_aesthetic_weights, laion_head
 from trainer.evaluate.aesthetic import AestheticPredictor, load_aesthetic_predictor
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 
 def test_scores_match_the_original_module(tiny_aesthetic, tmp_path):
@@ -61,7 +62,7 @@ def test_weights_errors_name_the_file_and_the_fix(tmp_path):
         AestheticPredictor.from_state_dict({k: v for k, v in broken.items() if k.startswith("layers.0")})
 
 
-def test_weights_from_a_url_are_downloaded_once(tmp_path):
+def test_weights_from_a_url_are_downloaded_once(tmp_path, monkeypatch):
     payload = build_aesthetic_weights(tmp_path / "served.pth").read_bytes()
     hits = []
 
@@ -82,6 +83,7 @@ def test_weights_from_a_url_are_downloaded_once(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, f"127.0.0.1:{server.server_port}")
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         first = load_aesthetic_predictor(f"{base}/weights/aesthetic.pth", tmp_path / "cache")

@@ -18,11 +18,11 @@ def test_defaults():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"evaluation_lora_scales": []}, "distinct LoRA scales > 0"),
+    ({"evaluation_lora_scales": []}, r"evaluation_lora_scales must be 1 to 8 items, each in \(0, 2\], got \[\]"),
     ({"evaluation_lora_scales": [0.8, 0.8]}, "distinct LoRA scales > 0"),
-    ({"evaluation_lora_scales": [0.0, 1.0]}, "distinct LoRA scales > 0"),
-    ({"evaluation_lora_scales": [float("nan")]}, "distinct LoRA scales > 0"),
-    ({"evaluation_images_per_prompt": 0}, "evaluation_images_per_prompt must be >= 1"),
+    ({"evaluation_lora_scales": [0.0, 1.0]}, r"evaluation_lora_scales.0 must be in \(0, 2\], got 0.0"),
+    ({"evaluation_lora_scales": [float("nan")]}, "evaluation_lora_scales.0 must be a finite number"),
+    ({"evaluation_images_per_prompt": 0}, r"evaluation_images_per_prompt must be in \[1, 8\], got 0"),
     ({"evaluation_clip_model": "  "}, "evaluation_clip_model is empty"),
 ])
 def test_bad_values_are_explained(values, message):

@@ -212,7 +212,8 @@ def _write_safetensors(path, keys):
 
 def test_edens_lora_file_and_family_are_found_by_its_rules(tmp_path):
     """The kohya file wins over diffusers' own; without sd_model_version the family comes from the file name."""
-    (tmp_path / "special_params.json").write_text(json.dumps({"TOK": "<s0>"}))
+    # Two rows, so two tokens, as Eden's special_params.json maps them (a map to other tokens is refused)
+    (tmp_path / "special_params.json").write_text(json.dumps({"TOK": "<s0><s1>"}))
     (tmp_path / "training_args.json").write_text(json.dumps({"name": "x", "concept_mode": "object"}))
     _write_safetensors(tmp_path / "x_embeddings.safetensors", ["clip_l"])
     _write_safetensors(tmp_path / "pytorch_lora_weights.safetensors", ["unet.down_blocks.0.lora.down.weight"])
@@ -228,3 +229,4 @@ def test_edens_lora_file_and_family_are_found_by_its_rules(tmp_path):
     _write_safetensors(tmp_path / "z_sdxl.safetensors", ["lora_unet_down_blocks_0_attn1_to_q.lora_down.weight"])
     with pytest.raises(ValueError, match=r"several LoRA files, \['y_sdxl.safetensors', 'z_sdxl.safetensors'\]"):
         LoraBundle.open(tmp_path)
+

@@ -81,7 +81,7 @@ def test_bad_requests_and_bundles(generator, tmp_path):
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as archive:
         archive.writestr("../escape.txt", "x")
-    with pytest.raises(ValueError, match="unsafe member path"):
+    with pytest.raises(ValueError, match="is not a trained LoRA bundle"):  # the escaping member was skipped
         LoraBundle.open(evil, tmp_path / "y")
     assert not (tmp_path / "escape.txt").exists()
 

@@ -19,6 +19,7 @@ from tests.models.ldm_format import pipeline_to_ldm, save_single_file
 from trainer.models import loading
 from trainer.models.loading import load_models, resolve_source, version_of_single_file
 from trainer.models.tiny import TINY_NAMES, tiny_model_dir
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 FAMILIES = sorted(TINY_NAMES)  # tiny-sd15, tiny-sdxl
 PROMPT = "a photo of a sks dog on the beach"
@@ -219,6 +220,7 @@ def test_url_is_downloaded_once_and_loads_like_the_folder(name, folders, single_
         monkeypatch.delenv(variable, raising=False)
     cache = tmp_path / "cache"
     with _CountingServer(single_files[name].parent) as server:
+        monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, f"127.0.0.1:{server.server.server_address[1]}")
         url = server.url(f"{name}.safetensors")
         source = resolve_source(url, None, None, cache)
         assert source.kind == "url"
@@ -241,6 +243,7 @@ def test_url_version_mismatch_is_a_clear_error(folders, single_files, tmp_path, 
     for variable in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(variable, raising=False)
     with _CountingServer(single_files["tiny-sdxl"].parent) as server:
+        monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, f"127.0.0.1:{server.server.server_address[1]}")
         source = resolve_source(server.url("tiny-sdxl.safetensors"), None, "sd15", tmp_path)
         with pytest.raises(ValueError, match=r"sd_model_version is 'sd15' but tiny-sdxl\.safetensors is an SDXL"):
             load_models(source, cache_dir=tmp_path, single_file_config=str(folders["tiny-sdxl"]))

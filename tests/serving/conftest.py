@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 SAMPLE_IMAGES = REPO_ROOT / "assets" / "sample_images"
 AWS_TEST_ENV = {
@@ -123,8 +124,10 @@ def webhooks():
     receiver.close()
 
 
-def server_env(model_cache: Path, work_dir: Path, s3_endpoint: str) -> dict[str, str]:
+def server_env(model_cache: Path, work_dir: Path, s3_endpoint: str, allow: str = "") -> dict[str, str]:
+    """A server's environment; ``allow`` is the one loopback address and port it may fetch from (the file server)."""
     return {
+        ENV_ALLOW_PRIVATE_HOSTS: allow,
         "TRAINER_MODEL_CACHE": str(model_cache),
         "TRAINER_WORK_DIR": str(work_dir),
         "HF_HUB_OFFLINE": "1",
@@ -135,14 +138,15 @@ def server_env(model_cache: Path, work_dir: Path, s3_endpoint: str) -> dict[str,
 
 
 @pytest.fixture(scope="module")
-def train_server(tmp_path_factory, model_cache, s3_server):
+def train_server(tmp_path_factory, model_cache, s3_server, file_server):
     """The real cog server in train mode (``train.py:train``), started like a cog image starts it."""
     from trainer.serving.cog_client import CogServer
 
     root = tmp_path_factory.mktemp("train-server")
     work = root / "work"
     server = CogServer.start(mode="train", ref="train.py:train", cwd=REPO_ROOT,
-                             env=server_env(model_cache, work, s3_server), log_path=root / "server.log")
+                             env=server_env(model_cache, work, s3_server, allow=file_server.address),
+                             log_path=root / "server.log")
     server.work_dir = work
     yield server
     server.stop()

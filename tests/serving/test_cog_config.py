@@ -131,3 +131,19 @@ def test_smoke_script_is_executable_and_documents_itself():
     assert os.access(script, os.X_OK)
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0 and "--tiny" in result.stdout
+
+
+def test_the_readme_documents_the_trust_boundary_and_every_operator_variable():
+    from trainer.models.loading import ENV_MAX_MODEL_BYTES
+    from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT
+    from trainer.serving.common import ENV_ALLOW_LOCAL
+    from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS, ENV_DOWNLOAD_DEADLINE
+
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    security = text[text.index("## Security"):text.index("## Troubleshooting")]
+    environment = text[text.index("## Environment variables"):text.index("## Security")]
+    for name in (ENV_ALLOW_LOCAL, ENV_ALLOW_PRIVATE_HOSTS, ENV_ALLOW_REQUEST_S3_ENDPOINT, ENV_DOWNLOAD_DEADLINE,
+                 ENV_MAX_MODEL_BYTES):
+        assert f"`{name}`" in environment and name in security, name
+    for topic in ("trust boundary", "Outbound requests", "Secrets", "Limits"):
+        assert topic in security, topic

@@ -81,7 +81,7 @@ def test_training_returns_the_documented_zip_and_reports_progress(trained, train
         ({"lora_training_urls": "ftp://example.com/x.zip"}, "unsupported scheme 'ftp://'"),
         ({"output_uri": "https://example.com/x"}, "output_uri must start with s3://"),
         ({"output_uri": "s3://no-such-bucket-xyz/loras/"}, "output_uri s3://no-such-bucket-xyz: not found"),
-        ({"training_args": json.dumps({"resume_from": "/tmp/run"})}, "training_args may not set resume_from"),
+        ({"training_args": json.dumps({"resume_from": "/tmp/run"})}, "resume_from may not be set by a request"),
     ],
 )
 def test_bad_inputs_fail_with_a_clear_message(train_server, file_server, images_zip, overrides, message):
@@ -143,7 +143,8 @@ def test_prediction_server_with_cog_weights_url(trained, file_server, trained_sd
     """COG_WEIGHTS is the zip's URL; a request may name another LoRA (a `python -m trainer` zip) by URL."""
     other = trained_sdxl["result"].zip_path
     (file_server.folder / "other.zip").write_bytes(other.read_bytes())
-    env = {**server_env(model_cache, tmp_path / "work", s3_server), "COG_WEIGHTS": file_server.url("served.zip")}
+    env = {**server_env(model_cache, tmp_path / "work", s3_server, allow=file_server.address),
+           "COG_WEIGHTS": file_server.url("served.zip")}
     with CogServer.start(mode="predict", ref="predict.py:Predictor", cwd=REPO_ROOT, env=env,
                          log_path=tmp_path / "server.log") as server:
         request = {"prompt": "a photo of TOK", "width": 64, "height": 64, "num_inference_steps": 2,
@@ -172,7 +173,8 @@ def test_prediction_server_with_edens_tar_as_cog_weights(file_server, trained_sd
     edens = eden_outputs(trained_sdxl["session"], tmp_path / "eden")
     (file_server.folder / edens["tar"].name).write_bytes(edens["tar"].read_bytes())
     (file_server.folder / "same-weights.zip").write_bytes(trained_sdxl["result"].zip_path.read_bytes())
-    env = {**server_env(model_cache, tmp_path / "work", s3_server), "COG_WEIGHTS": file_server.url(edens["tar"].name)}
+    env = {**server_env(model_cache, tmp_path / "work", s3_server, allow=file_server.address),
+           "COG_WEIGHTS": file_server.url(edens["tar"].name)}
     with CogServer.start(mode="predict", ref="predict.py:Predictor", cwd=REPO_ROOT, env=env,
                          log_path=tmp_path / "server.log") as server:
         request = {"prompt": "a photo of TOK", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 5,

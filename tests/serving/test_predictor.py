@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import predict
@@ -14,6 +17,7 @@ from trainer.inference import remote
 from trainer.inference.service import PredictionInputs
 from trainer.serving.cog_client import FileServer
 from trainer.serving.common import ENV_ALLOW_LOCAL
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 11, "output_format": "png"}
 
@@ -24,7 +28,8 @@ def served_loras(trained_sdxl, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served-loras")
     shutil.copy(trained_sdxl["result"].zip_path, folder / "sdxl.zip")
     (folder / "notes.zip").write_text("not a zip")
-    with FileServer(folder) as server:
+    with FileServer(folder) as server, pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_ALLOW_PRIVATE_HOSTS, server.address)
         yield server
 
 
@@ -88,6 +93,8 @@ def test_local_lora_paths_need_the_operator_flag(base_predictor, trained_sdxl, m
     ("given", "message"),
     [
         ({"prompt": ""}, "prompt: String should have at least 1 character"),
+        ({"prompt": "TOK " * 1000}, "prompt: String should have at most 2000 characters"),
+        ({"guidance_scale": float("nan")}, "guidance_scale: Input should be a finite number"),
         ({"width": 70}, r"width: must be a multiple of 8 \(got 70\)"),
         ({"num_outputs": 9}, "num_outputs: Input should be less than or equal to 4"),
         ({"scheduler": "euler"}, "scheduler: Input should be 'DDIM'"),
@@ -127,6 +134,8 @@ def test_predict_signature_matches_the_validation():
     assert [name for name in parameters if name != "self"] == list(fields)
     for name, field in fields.items():
         declared = parameters[name].default
+        lengths = {type(m).__name__: m for m in field.metadata}
+        assert declared.max_length == (lengths["MaxLen"].max_length if "MaxLen" in lengths else None), name
         if name == "prompt":
             assert declared.default is None and field.is_required()
             continue
@@ -140,12 +149,14 @@ def test_predict_signature_matches_the_validation():
 
 
 @pytest.fixture(scope="module")
-def served_eden(trained_sdxl, tmp_path_factory):
+def served_eden(served_loras, trained_sdxl, tmp_path_factory):
     """The same trained weights as Eden's trainer delivers them (tests/eden_reference.py), served over http."""
     from tests.eden_reference import eden_outputs
 
     outputs = eden_outputs(trained_sdxl["session"], tmp_path_factory.mktemp("eden"))
-    with FileServer(outputs["tar"].parent.parent) as server:
+    with FileServer(outputs["tar"].parent.parent) as server, pytest.MonkeyPatch.context() as patch:
+        # The guarded client reaches this one server besides served_loras' (the operator's allow list, per port).
+        patch.setenv(ENV_ALLOW_PRIVATE_HOSTS, f"{served_loras.address},{server.address}")
         yield {"server": server, **outputs}
 
 
@@ -180,3 +191,152 @@ def test_edens_tar_as_weights_at_setup(base_predictor, served_loras, served_eden
     assert generator.version == "sdxl" and generator.active.layout == "eden"
     assert generator.prompt_text("a photo of TOK") == "a photo of <s0><s1>"
     np.testing.assert_allclose(_pixels(predictor.run(prompt="a photo of TOK", **SMALL)), ours, atol=1.0)
+
+
+# ------------------------------------------------------------------------------------------ hostile bundles
+def _members(trained_sdxl) -> dict[str, bytes]:
+    with zipfile.ZipFile(trained_sdxl["result"].zip_path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _serve_variant(served_loras, name: str, members: dict[str, bytes]) -> str:
+    with zipfile.ZipFile(served_loras.folder / name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    return served_loras.url(name)
+
+
+def _lora_name(members: dict[str, bytes]) -> str:
+    return next(name for name in members if name.endswith("_lora.safetensors"))
+
+
+def _edit_tensors(members: dict[str, bytes], name: str, change) -> dict[str, bytes]:
+    from safetensors.torch import load, save
+
+    tensors = load(members[name])
+    change(tensors)
+    return {**members, name: save(tensors)}
+
+
+def _lora_variant(kind: str):
+    def change(tensors):
+        key = next(k for k in tensors if k.endswith(".lora_down.weight"))
+        if kind == "shape":
+            tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+        elif kind == "nan":
+            for k in tensors:
+                tensors[k] = torch.full_like(tensors[k], float("nan"))
+        elif kind == "unknown":
+            module = key[: -len(".lora_down.weight")]
+            for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+                tensors[f"lora_unet_input_blocks_99_1_proj_in{suffix}"] = tensors[module + suffix].clone()
+    return change
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("shape", r"this LoRA does not match the base model: lora_\w+\.lora_down\.weight has shape .*; the layer takes"),
+    ("nan", r"this LoRA does not match the base model: .* holds NaN or infinite values"),
+    ("unknown", r"this LoRA does not match the base model: lora_unet_input_blocks_99_1_proj_in names no layer"),
+])
+def test_a_lora_that_does_not_fit_is_refused_by_name(base_predictor, served_loras, trained_sdxl, kind, message):
+    members = _members(trained_sdxl)
+    url = _serve_variant(served_loras, f"{kind}.zip", _edit_tensors(members, _lora_name(members),
+                                                                   _lora_variant(kind)))
+    with pytest.raises(ValueError, match=message):
+        base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+    # The failed activation left nothing behind: the next request renders the plain base model.
+    assert base_predictor.service.generator.active is None
+    assert base_predictor.run(prompt="a dog", **SMALL)
+
+
+def test_token_vectors_that_do_not_fit_are_refused(base_predictor, served_loras, trained_sdxl):
+    members = _members(trained_sdxl)
+    name = next(n for n in members if n.endswith("_embeddings.safetensors"))
+
+    def widen(tensors):
+        tensors["clip_l"] = torch.zeros(tensors["clip_l"].shape[0], tensors["clip_l"].shape[1] + 1)
+
+    url = _serve_variant(served_loras, "wide-tokens.zip", _edit_tensors(members, name, widen))
+    with pytest.raises(ValueError, match=r"this LoRA does not match the base model: .*clip_l has shape"):
+        base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+
+
+@pytest.mark.parametrize(("member", "text", "message"), [
+    ("training_args.json", "[1, 2]", "training_args.json must hold a JSON object, got a JSON list"),
+    ("special_params.json", '["TOK"]', "special_params.json must map the trigger to the new tokens"),
+    ("special_params.json", json.dumps({"TOK": "x" * 100_000}), r"maps 'TOK' to 'xxx.*\(100000 characters\)', not"),
+    ("training_args.json", "[" * 100_000 + "]" * 100_000, "training_args.json is nested too deeply to read"),
+])
+def test_bundle_files_of_the_wrong_shape_get_clear_errors(base_predictor, served_loras, trained_sdxl, member, text,
+                                                          message):
+    url = _serve_variant(served_loras, f"bad-{member}-{len(text)}.zip", {**_members(trained_sdxl),
+                                                                         member: text.encode()})
+    with pytest.raises(ValueError, match=message):
+        base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+    assert not any((base_predictor.service.store.root / "urls").iterdir()) or all(
+        (entry / "weights.zip").is_file() for entry in (base_predictor.service.store.root / "urls").iterdir())
+
+
+def test_a_file_folder_clash_in_a_bundle_is_not_a_raw_error(base_predictor, served_loras, trained_sdxl):
+    members = _members(trained_sdxl)
+    clash = {**members, "samples/README.md/evil.txt": b"x", "loss.csv/inner": b"y"}
+    url = _serve_variant(served_loras, "clash.zip", clash)
+    assert base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+
+
+def test_a_lora_zip_bomb_is_refused_and_nothing_stays_cached(base_predictor, served_loras, trained_sdxl):
+    """The issue's case: a small LoRA zip that unpacks to far more than it holds."""
+    from tests.data.factories import RawMember, handmade_zip
+
+    zeros = RawMember.of("samples/zeros.bmp", bytes(40 << 20))
+    members = [RawMember.of(name, data) for name, data in _members(trained_sdxl).items()]
+    payload = handmade_zip([*members, *(RawMember(f"samples/pad{i}.bmp", zeros.packed, zeros.size, zeros.crc)
+                                        for i in range(8))])
+    (served_loras.folder / "bomb.zip").write_bytes(payload)
+    url = served_loras.url("bomb.zip")
+    with pytest.raises(ValueError, match=r"bomb.zip\): .*over 20 times its packed size"):
+        base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+    assert not (base_predictor.service.store.root / "urls" / remote._digest(url)).exists()
+
+
+def test_a_full_unet_whose_config_asks_for_another_size_is_refused(base_predictor, served_loras, trained_sdxl):
+    """The issue's case: unet/config.json with sample_size 100000 would set the default size past the cap."""
+    members = _members(trained_sdxl)
+    unet = base_predictor.service.generator.pipeline.unet
+    config = {**dict(unet.config), "sample_size": 100000}
+    from safetensors.torch import save
+
+    variant = {name: data for name, data in members.items() if not name.endswith("_lora.safetensors")}
+    variant["unet/config.json"] = json.dumps(config).encode()
+    variant["unet/diffusion_pytorch_model.safetensors"] = save({"unused": torch.zeros(1)})  # refused before loading
+    url = _serve_variant(served_loras, "big-unet.zip", variant)
+    with pytest.raises(ValueError, match=r"this LoRA does not match the base model: unet/config.json sets sample_size "
+                                         r"to 100000"):
+        base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+
+
+@pytest.mark.parametrize("where", ["ckpt_path", "pretrained_model"])
+def test_a_bundle_may_not_choose_a_local_model_or_an_internal_url(base_predictor, served_loras, trained_sdxl,
+                                                                  tmp_path, where):
+    """training_args.json comes with the zip: a server path is refused without a look at the disk, an internal URL
+    without a connection."""
+    from tests.utils.conftest import ScriptedServer
+
+    internal = ScriptedServer()
+    try:
+        members = _members(trained_sdxl)
+        args = json.loads(members["training_args.json"])
+        for index, location in enumerate((str(tmp_path), internal.url("/model.safetensors"),
+                                          internal.url("/m.safetensors", host="2130706433"))):
+            if where == "ckpt_path":
+                changed = {**args, "ckpt_path": location}
+            else:
+                changed = {**args, "ckpt_path": None, "pretrained_model": {"url": location, "path": location}}
+            url = _serve_variant(served_loras, f"base-{where}-{index}.zip",
+                                 {**members, "training_args.json": json.dumps(changed).encode()})
+            with pytest.raises(ValueError, match=r"(local paths are not accepted here|is a loopback address)"):
+                base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+        assert internal.connections == 0
+    finally:
+        internal.close()
+

@@ -7,7 +7,7 @@ import typing
 
 from pydantic_core import PydanticUndefined
 
-from trainer.config.schema import TrainingConfig
+from trainer.config.schema import TrainingConfig, field_bounds
 
 
 def _type_name(annotation) -> str:
@@ -27,11 +27,12 @@ def _default(field) -> str:
 
 def parameter_table() -> str:
     hints = typing.get_type_hints(TrainingConfig)
-    lines = ["| Parameter | Type | Default | Description |", "|---|---|---|---|"]
+    lines = ["| Parameter | Type | Allowed | Default | Description |", "|---|---|---|---|---|"]
     for name, field in TrainingConfig.model_fields.items():
         description = " ".join((field.description or "").split()).replace("|", "\\|")
         type_name = _type_name(hints[name]).replace("|", "\\|")
-        lines.append(f"| `{name}` | `{type_name}` | `{_default(field)}` | {description} |")
+        allowed = field_bounds(name).describe().replace("|", "\\|")
+        lines.append(f"| `{name}` | `{type_name}` | {allowed} | `{_default(field)}` | {description} |")
     return "\n".join(lines)
 
 

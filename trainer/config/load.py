@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from trainer.config.schema import TrainingConfig
+from trainer.config.schema import TrainingConfig, field_bounds
 
 #: Names used by neighbouring tools (invoke-training, diffusers' scripts, kohya) mapped to ours, so that an unknown
 #: key from those tools gets a precise suggestion.
@@ -68,18 +68,47 @@ def _check_unknown_keys(data: Mapping[str, Any]) -> None:
         raise ConfigError("Invalid training config: " + "; ".join(problems))
 
 
+#: pydantic's error types for a value outside the bounds a field's type declares.
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
+                 "string_too_long", "string_too_short"}
+
+
+def _shown(value: Any) -> str:
+    """A value as messages quote it: long text and lists are cut, with their length."""
+    text = repr(value)
+    if len(text) <= 80:
+        return text
+    size = f"{len(value)} {'characters' if isinstance(value, str) else 'items'}" if hasattr(value, "__len__") else ""
+    return f"{text[:60]}... ({size or f'{len(text)} characters'})"
+
+
 def _format_validation_error(error: ValidationError) -> str:
-    lines = []
+    lines: list[str] = []
+    union_fields: set[str] = set()
     for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"])
-        message = item["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, "):]
-        if loc:
-            lines.append(f"{loc}: {message} (got {item.get('input')!r})")
+        parts = item["loc"]
+        field = str(parts[0]) if parts else ""
+        # A value that fits no member of a union (a number or a list) gets one message with the whole rule, not one
+        # per member named by pydantic's internal tags.
+        if len(parts) > 1 and isinstance(parts[1], str) and field in TrainingConfig.model_fields:
+            if field not in union_fields:
+                union_fields.add(field)
+                lines.append(f"{field} must be {field_bounds(field).describe()}, got {_shown(item.get('input'))}")
+            continue
+        loc = ".".join(str(part) for part in parts)
+        message = item["msg"].removeprefix("Value error, ")
+        if field in TrainingConfig.model_fields and item["type"] in _BOUND_ERRORS:
+            allowed = field_bounds(field).at(tuple(parts[1:])).describe()
+            lines.append(f"{loc} must be {allowed}, got {_shown(item.get('input'))}")
+        elif item["type"] == "finite_number":
+            lines.append(f"{loc} must be a finite number, got {item.get('input')!r}")
+        elif loc and not message.startswith(loc):
+            lines.append(f"{loc}: {message} (got {_shown(item.get('input'))})")
         else:
             lines.append(message)
-    return "Invalid training config: " + "; ".join(lines)
+    from trainer.utils.download import redact_text
+
+    return redact_text("Invalid training config: " + "; ".join(lines))
 
 
 def load_config(source: Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None) -> TrainingConfig:
@@ -101,6 +130,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r} is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data

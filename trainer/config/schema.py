@@ -8,7 +8,11 @@ attribute docstring: the README's parameter table is generated from them (``pyth
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import json
+import math
+import types
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +20,54 @@ CONCEPT_MODES = ("face", "style", "object")
 
 #: Sizes must divide into the VAE's 8x downsampling and the UNet's down blocks (SD1.5: 3 halvings).
 SIZE_MULTIPLE = 64
+
+# ---------------------------------------------------------------------------------------------------- bounds
+# Every number a request can set is bounded here, once: the cog inputs (train.py), ``training_args`` and the command
+# line all validate through this model. The bounds admit the largest sensible job (SDXL at 2048 px, batch 64,
+# 20,000 steps, rank 256) and refuse what would only exhaust a shared server.
+MAX_RESOLUTION = 2048
+MAX_BATCH_SIZE = 64
+MAX_ACCUMULATION = 64
+MAX_TRAIN_STEPS = 20_000
+MAX_RANK = 256
+MAX_TOKENS = 16
+MAX_SAMPLE_IMAGES = 32
+MAX_TRAIN_IMAGES = 10_000
+MAX_AUGMENTED_IMAGES = 1000
+MAX_WORKERS = 32
+MAX_INFERENCE_STEPS = 200
+MAX_GUIDANCE = 30.0
+MAX_LORA_SCALE = 2.0
+MAX_LEARNING_RATE = 1.0
+MAX_LOSS_WEIGHT = 10.0
+MAX_SEED = 2**32 - 1
+MAX_SOURCES = 1000
+MAX_SECONDS = 1e11
+#: Free-form objects (``training_attributes``, ``pretrained_model``): nesting depth and size as JSON.
+MAX_OBJECT_DEPTH = 8
+MAX_OBJECT_CHARS = 64 * 1024
+#: Characters: free text (prompts, prefixes), a location (URL, path, hub id), a run name, a token string.
+MAX_TEXT_CHARS = 2000
+MAX_LOCATION_CHARS = 4096
+MAX_NAME_CHARS = 128
+MAX_TOKEN_CHARS = 64
+MAX_SOURCES_CHARS = MAX_SOURCES * MAX_LOCATION_CHARS // 8
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+LearningRate = Annotated[float, Field(ge=0.0, le=MAX_LEARNING_RATE)]
+WeightDecay = Annotated[float, Field(ge=0.0, le=1.0)]
+LossWeight = Annotated[float, Field(ge=0.0, le=MAX_LOSS_WEIGHT)]
+LoraScale = Annotated[float, Field(ge=0.0, le=MAX_LORA_SCALE)]
+PositiveScale = Annotated[float, Field(gt=0.0, le=MAX_LORA_SCALE)]
+Steps = Annotated[int, Field(ge=0, le=MAX_TRAIN_STEPS)]
+Rank = Annotated[int, Field(ge=1, le=MAX_RANK)]
+Side = Annotated[int, Field(ge=SIZE_MULTIPLE, le=MAX_RESOLUTION)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Location = Annotated[str, Field(max_length=MAX_LOCATION_CHARS)]
+TokenText = Annotated[str, Field(max_length=MAX_TOKEN_CHARS)]
+TokenString = Annotated[str, Field(max_length=MAX_TOKENS * MAX_TOKEN_CHARS)]
+Sources = Union[Annotated[str, Field(max_length=MAX_SOURCES_CHARS)],
+                Annotated[list[Location], Field(max_length=MAX_SOURCES)]]
 
 
 def default_token_list(n_tokens: int) -> list[str]:
@@ -30,10 +82,12 @@ class TrainingConfig(BaseModel):
         use_attribute_docstrings=True,
         validate_assignment=False,
         protected_namespaces=(),
+        # NaN and infinities pass every comparison or none: a bound cannot hold them, so no float field takes them.
+        allow_inf_nan=False,
     )
 
     # ----------------------------------------------------------------------------------------------------- data
-    lora_training_urls: Union[str, list[str]]
+    lora_training_urls: Sources
     """Training images: one or many sources separated by `|`, commas or newlines, or a JSON list. Each source is an
     http(s) URL, an `s3://bucket/key` or `s3://bucket/prefix/`, or a local file or folder. Zip and tar archives,
     single images and nested folders are unpacked."""
@@ -42,28 +96,28 @@ class TrainingConfig(BaseModel):
     """What the LoRA learns: a `face` (person or character), a `style` (the look of a collection) or an `object`.
     Sets the trigger placement in captions, masking, flips and the token initialisation."""
 
-    caption_prefix: str = ""
+    caption_prefix: Text = ""
     """Hard-coded caption prefix put before every caption (after the trigger). Empty to disable."""
 
-    prompt_modifier: Optional[str] = None
+    prompt_modifier: Optional[Text] = None
     """Extra text appended to every training caption and sampling prompt."""
 
     caption_model: Literal["gpt4-v", "blip", "florence", "no_caption"] = "florence"
     """Model that captions images that have no caption of their own. `no_caption` leaves them with the trigger
     only."""
 
-    caption_dropout: float = 0.1
+    caption_dropout: Fraction = 0.1
     """Fraction of training samples whose caption is replaced by the empty prompt (robustness, CFG)."""
 
-    caption_model_path: Optional[str] = None
+    caption_model_path: Optional[Location] = None
     """The captioning model: a hub id or local folder for `blip` (default `Salesforce/blip-image-captioning-large`)
     and `florence` (default `florence-community/Florence-2-large`), or the OpenAI model name for `gpt4-v` (default
     `gpt-4o`; the key comes from `OPENAI_API_KEY`, another endpoint from `OPENAI_BASE_URL`)."""
 
-    max_train_images: int = 1000
+    max_train_images: Annotated[int, Field(ge=1, le=MAX_TRAIN_IMAGES)] = 1000
     """Most distinct training images accepted (after removing duplicates, before augmentation); more is an error."""
 
-    s3_endpoint_url: Optional[str] = None
+    s3_endpoint_url: Optional[Location] = None
     """Endpoint of an S3-compatible store (MinIO, R2, ...) for `s3://` sources. Default: `AWS_ENDPOINT_URL_S3` or
     `AWS_ENDPOINT_URL`, else AWS itself. Credentials come from the standard AWS chain (environment, profile, role)."""
 
@@ -72,7 +126,7 @@ class TrainingConfig(BaseModel):
     """Base model family. `None` detects it from the model files (and means `sdxl` when no model is named). A
     mismatch between this and the files is an error."""
 
-    ckpt_path: Optional[str] = None
+    ckpt_path: Optional[Location] = None
     """Base model: a hub id (`stabilityai/stable-diffusion-xl-base-1.0`), a local diffusers folder, a single-file
     `.safetensors`/`.ckpt` checkpoint, an http(s) URL to such a file, or the offline test fixtures `tiny-sd15` /
     `tiny-sdxl`. Overrides `pretrained_model`."""
@@ -81,32 +135,32 @@ class TrainingConfig(BaseModel):
     """Eden-style model description `{"path": ..., "url": ..., "version": "sdxl"|"sd15"}`. `path` is used when it
     exists, else `url` is downloaded to `path` (or the model cache)."""
 
-    single_file_config: Optional[str] = None
+    single_file_config: Optional[Location] = None
     """For a single-file checkpoint: a diffusers folder or hub id holding the configs of its architecture. Default:
     the official SD1.5 or SDXL repository (read from the model cache when offline)."""
 
-    hf_variant: Optional[str] = None
+    hf_variant: Optional[Annotated[str, Field(max_length=64)]] = None
     """Hub weight variant to load (for example `fp16`). Only used for hub ids."""
 
-    model_cache_dir: Optional[str] = None
+    model_cache_dir: Optional[Location] = None
     """Folder where hub models and downloaded checkpoints are cached. Default: `$TRAINER_MODEL_CACHE`, else the
     Hugging Face cache."""
 
-    seed: Optional[int] = None
+    seed: Optional[Annotated[int, Field(ge=0, le=MAX_SEED)]] = None
     """Random seed. The same seed and inputs give the same run. `None` draws one, which is logged and saved."""
 
     # -------------------------------------------------------------------------------------------------- sizes
-    resolution: int = 512
+    resolution: Side = 512
     """Training resolution: images are trained at about resolution² pixels. Multiple of 64."""
 
-    validation_img_size: Optional[Union[int, list[int]]] = None
+    validation_img_size: Optional[Union[Side, Annotated[list[Side], Field(min_length=2, max_length=2)]]] = None
     """Sample image size: an int gives about that² pixels at the training aspect ratio, `[width, height]` an exact
     size, `None` the training size (1024 for SDXL and 512 for SD1.5 when training smaller)."""
 
-    train_img_size: Optional[list[int]] = None
+    train_img_size: Optional[Annotated[list[Side], Field(min_length=1, max_length=2)]] = None
     """Exact training size `[width, height]` (or `[side]`). Overrides `resolution` and `train_aspect_ratio`."""
 
-    train_aspect_ratio: Optional[float] = None
+    train_aspect_ratio: Optional[Annotated[float, Field(ge=0.25, le=4.0)]] = None
     """Force one training aspect ratio (width / height) at about resolution² pixels. `None` is square, unless
     `aspect_ratio_bucketing` is on."""
 
@@ -115,27 +169,27 @@ class TrainingConfig(BaseModel):
     every batch comes from one bucket."""
 
     # ---------------------------------------------------------------------------------------------- schedule
-    train_batch_size: int = 4
+    train_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] = 4
     """Images per step (per device, before gradient accumulation)."""
 
-    max_train_steps: Optional[int] = 300
+    max_train_steps: Optional[Annotated[int, Field(ge=1, le=MAX_TRAIN_STEPS)]] = 300
     """Number of optimisation steps. When both this and `num_train_epochs` are given, this wins (as in the Eden
     trainer); set only `num_train_epochs` to train by epochs."""
 
-    num_train_epochs: Optional[int] = None
+    num_train_epochs: Optional[Annotated[int, Field(ge=1, le=MAX_TRAIN_STEPS)]] = None
     """Train for this many passes over the data instead of `max_train_steps`."""
 
-    checkpointing_steps: int = 10000
+    checkpointing_steps: Steps = 10000
     """Save a checkpoint (LoRA, embeddings, resumable state, samples) every N steps; one is always saved at the
     end. 0 saves only at the end."""
 
-    max_checkpoints: Optional[int] = None
+    max_checkpoints: Optional[Annotated[int, Field(ge=1, le=MAX_TRAIN_STEPS)]] = None
     """Keep at most this many intermediate checkpoints (oldest removed first). `None` keeps all."""
 
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=MAX_ACCUMULATION)] = 1
     """Micro-batches accumulated before each optimiser step."""
 
-    resume_from: Optional[str] = None
+    resume_from: Optional[Location] = None
     """A checkpoint folder (`.../checkpoints/checkpoint-200`) or a run folder (its latest checkpoint) to continue
     from. LoRA, embeddings, optimisers, schedulers, step and random state are restored."""
 
@@ -146,34 +200,34 @@ class TrainingConfig(BaseModel):
     unet_optimizer_type: Literal["adamw", "prodigy", "AdamW8bit"] = "adamw"
     """Optimiser for the UNet (LoRA or full). `AdamW8bit` needs bitsandbytes on a CUDA device."""
 
-    unet_lr_warmup_steps: Optional[int] = None
+    unet_lr_warmup_steps: Optional[Steps] = None
     """Steps of linear warm-up of the UNet learning rate. `None` means 0."""
 
-    unet_lr: float = 0.0003
+    unet_lr: LearningRate = 0.0003
     """UNet learning rate (AdamW). Prodigy runs at lr 1.0 and adapts; see `prodigy_d_coef`."""
 
-    prodigy_d_coef: float = 1.0
+    prodigy_d_coef: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     """Prodigy's d coefficient: scales the step size it estimates."""
 
-    unet_prodigy_growth_factor: float = 1.05
+    unet_prodigy_growth_factor: Annotated[float, Field(ge=1.0, le=100.0)] = 1.05
     """Prodigy's growth rate: the most its step size may grow per step. Lower grows slower."""
 
-    lora_weight_decay: float = 0.004
+    lora_weight_decay: WeightDecay = 0.004
     """Weight decay of the LoRA (or UNet) parameters."""
 
-    lora_rank: int = 16
+    lora_rank: Rank = 16
     """LoRA rank of the UNet adapters."""
 
-    lora_alpha_multiplier: float = 1.0
+    lora_alpha_multiplier: Annotated[float, Field(gt=0.0, le=MAX_RANK)] = 1.0
     """LoRA alpha = `lora_rank` × this. The exported file carries this true alpha."""
 
     use_dora: bool = False
     """Train DoRA (weight-decomposed LoRA) instead of plain LoRA."""
 
-    freeze_unet_before_completion_f: float = 0.0
+    freeze_unet_before_completion_f: Fraction = 0.0
     """Stop training the UNet this fraction of the steps before the end (the tail trains only what else is on)."""
 
-    l1_penalty: float = 0.03
+    l1_penalty: LossWeight = 0.03
     """L1 penalty on the LoRA weights (mean absolute value of the LoRA matrices, times this), for sparsity."""
 
     # ---------------------------------------------------------------------------------------------- tokens
@@ -181,43 +235,45 @@ class TrainingConfig(BaseModel):
     """Do not learn new tokens: the trigger stays a plain word in captions and prompts (DreamBooth style) and
     only the LoRA trains."""
 
-    n_tokens: int = 3
+    n_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 3
     """Number of new token vectors standing for `TOK` (per text encoder)."""
 
-    inserting_list_tokens: list[str] = Field(default_factory=lambda: default_token_list(3))
+    inserting_list_tokens: Annotated[list[TokenText], Field(max_length=MAX_TOKENS)] = Field(
+        default_factory=lambda: default_token_list(3))
     """The new token strings; derived from `n_tokens` unless given."""
 
-    token_dict: dict = Field(default_factory=lambda: {"TOK": "<s0><s1><s2>"})
+    token_dict: Annotated[dict[TokenText, TokenString], Field(max_length=MAX_TOKENS)] = Field(
+        default_factory=lambda: {"TOK": "<s0><s1><s2>"})
     """Maps the trigger used in captions and prompts to the new tokens; derived unless given."""
 
-    initializer_token: Optional[str] = None
+    initializer_token: Optional[TokenText] = None
     """A single vocabulary word that initialises every new token (for example `dog`). Default: a word for the
     concept mode (`person`, `object` or `style`)."""
 
-    initial_phrase: Optional[str] = None
+    initial_phrase: Optional[Text] = None
     """A short phrase whose token embeddings initialise the new tokens in order. Unless `n_tokens` is given too,
     `n_tokens` becomes the phrase's token count."""
 
-    initial_embedding_file: Optional[str] = None
+    initial_embedding_file: Optional[Location] = None
     """An embedding file (`clip_l`/`clip_g`, `emb_params` or diffusers form) whose vectors initialise the new
     tokens; its vector count must equal `n_tokens`."""
 
-    ti_lr: float = 0.001
+    ti_lr: LearningRate = 0.001
     """Learning rate of the new token embeddings."""
 
-    ti_lr_warmup_steps: int = 0
+    ti_lr_warmup_steps: Steps = 0
     """Steps of linear warm-up of the token learning rate."""
 
     ti_optimizer: Literal["adamw", "prodigy"] = "adamw"
     """Optimiser for the new token embeddings (its state covers only the new rows)."""
 
-    ti_weight_decay: float = 0.0
+    ti_weight_decay: WeightDecay = 0.0
     """Weight decay of the new token embeddings."""
 
-    token_warmup_steps: int = 0
+    token_warmup_steps: Steps = 0
     """First steps during which only the token embeddings train (the UNet and text-encoder LoRA wait)."""
 
-    freeze_ti_after_completion_f: float = 0.7
+    freeze_ti_after_completion_f: Fraction = 0.7
     """The pivot: token embeddings stop training after this fraction of the steps. From then on, text-encoder
     outputs are cached when nothing else in the text side trains."""
 
@@ -225,16 +281,16 @@ class TrainingConfig(BaseModel):
     text_encoder_lora_optimizer: Optional[Literal["adamw"]] = None
     """Set to `adamw` to also train LoRA adapters in the text encoder(s). `None` skips them."""
 
-    text_encoder_lora_lr: float = 1.0e-5
+    text_encoder_lora_lr: LearningRate = 1.0e-5
     """Learning rate of the text-encoder LoRA."""
 
-    txt_encoders_lr_warmup_steps: int = 200
+    txt_encoders_lr_warmup_steps: Steps = 200
     """Steps of linear warm-up of the text-encoder LoRA learning rate."""
 
-    text_encoder_lora_weight_decay: float = 1.0e-5
+    text_encoder_lora_weight_decay: WeightDecay = 1.0e-5
     """Weight decay of the text-encoder LoRA."""
 
-    text_encoder_lora_rank: int = 16
+    text_encoder_lora_rank: Rank = 16
     """LoRA rank of the text-encoder adapters."""
 
     # ---------------------------------------------------------------------------------- optimisation shared
@@ -243,7 +299,7 @@ class TrainingConfig(BaseModel):
     ] = "constant"
     """Learning-rate schedule after warm-up, applied to every optimiser (each with its own warm-up)."""
 
-    max_grad_norm: Optional[float] = None
+    max_grad_norm: Optional[Annotated[float, Field(gt=0.0, le=1e4)]] = None
     """Clip the gradient norm of each parameter group to this value. `None` does not clip."""
 
     gradient_checkpointing: bool = False
@@ -262,28 +318,28 @@ class TrainingConfig(BaseModel):
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     """Training target. `None` takes the base model's scheduler setting."""
 
-    snr_gamma: Optional[float] = 5.0
+    snr_gamma: Optional[Annotated[float, Field(ge=0.0, le=1e3)]] = 5.0
     """Min-SNR loss weighting gamma (arXiv 2303.09556). 0 or `None` disables it."""
 
-    noise_offset: float = 0.02
+    noise_offset: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
     """Offset noise: adds this × a per-channel constant to the noise, which helps very dark or bright images."""
 
     use_masks: bool = True
     """Weight the loss by the data's masks (faces, CLIPSeg prompts) where the data has them."""
 
-    token_attention_loss_w: float = 3e-7
+    token_attention_loss_w: LossWeight = 3e-7
     """Weight of the attention loss on the new tokens' cross-attention maps. With a mask it penalises the tokens'
     attention outside the mask; without, the attention share the tokens take from the other words. 0 disables it
     at no cost."""
 
-    cond_reg_w: float = 0.0e-5
+    cond_reg_w: LossWeight = 0.0e-5
     """Weight of the conditioning regulariser: the mean square of the prompt embeddings (keeps the conditioning
     at the scale the UNet knows)."""
 
-    tok_cond_reg_w: float = 0.0e-5
+    tok_cond_reg_w: LossWeight = 0.0e-5
     """Like `cond_reg_w`, restricted to the positions of the new tokens."""
 
-    tok_cov_reg_w: float = 0.0
+    tok_cov_reg_w: LossWeight = 0.0
     """Weight of the token covariance regulariser: the Mahalanobis distance of the new embeddings from the
     distribution of the pretrained ones."""
 
@@ -291,10 +347,10 @@ class TrainingConfig(BaseModel):
     left_right_flip_augmentation: bool = True
     """Randomly flip images left-right (always off in face mode: faces are not symmetric)."""
 
-    augment_imgs_up_to_n: int = 40
+    augment_imgs_up_to_n: Annotated[int, Field(ge=0, le=MAX_AUGMENTED_IMAGES)] = 40
     """Add augmented copies (crops, flips) until the dataset has at least this many images. 0 disables it."""
 
-    mask_target_prompts: Optional[str] = None
+    mask_target_prompts: Optional[Text] = None
     """Text prompts for CLIPSeg masks (for example `a face`); the masks weight the loss and guide the crops."""
 
     crop_based_on_salience: bool = True
@@ -303,29 +359,29 @@ class TrainingConfig(BaseModel):
     use_face_detection_instead: bool = False
     """Use a face detector instead of CLIPSeg to make the masks (face mode does so by default)."""
 
-    clipseg_temperature: float = 0.5
+    clipseg_temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
     """Softness of the CLIPSeg masks: higher gives softer masks."""
 
-    clipseg_model_path: Optional[str] = None
+    clipseg_model_path: Optional[Location] = None
     """The CLIPSeg model for `mask_target_prompts`: a hub id or local folder. Default `CIDAS/clipseg-rd64-refined`."""
 
     # ---------------------------------------------------------------------------------------------- samples
-    n_sample_imgs: int = 4
+    n_sample_imgs: Annotated[int, Field(ge=0, le=MAX_SAMPLE_IMAGES)] = 4
     """Sample images generated with the trained tokens at each checkpoint and at the end (0 disables)."""
 
-    sample_imgs_lora_scale: Optional[float] = None
+    sample_imgs_lora_scale: Optional[LoraScale] = None
     """LoRA scale for the sample images. `None` is 1.0."""
 
-    validation_prompts: Optional[list[str]] = None
+    validation_prompts: Optional[Annotated[list[Text], Field(max_length=MAX_SAMPLE_IMAGES)]] = None
     """Prompts for the sample images (use `TOK`). Default: a set per concept mode."""
 
-    negative_validation_prompts: Optional[list[str]] = None
+    negative_validation_prompts: Optional[Annotated[list[Text], Field(max_length=MAX_SAMPLE_IMAGES)]] = None
     """Negative prompts, one per validation prompt."""
 
-    validation_num_inference_steps: int = 25
+    validation_num_inference_steps: Annotated[int, Field(ge=1, le=MAX_INFERENCE_STEPS)] = 25
     """Denoising steps per sample image."""
 
-    validation_guidance_scale: float = 7.0
+    validation_guidance_scale: Annotated[float, Field(gt=0.0, le=MAX_GUIDANCE)] = 7.0
     """Classifier-free guidance scale of the sample images."""
 
     enable_cpu_offload_during_validation: bool = False
@@ -335,18 +391,19 @@ class TrainingConfig(BaseModel):
     """At the end, score every checkpoint (CLIP adherence, likeness, diversity, aesthetics) and put the report in
     the output zip."""
 
-    evaluation_clip_model: str = "openai/clip-vit-large-patch14"
+    evaluation_clip_model: Location = "openai/clip-vit-large-patch14"
     """The CLIP model that scores the checkpoints (`evaluate_checkpoints`, `python -m trainer evaluate`): a hub id
     or a local folder with the model, tokenizer and image processor."""
 
-    evaluation_aesthetic_weights: Optional[str] = None
+    evaluation_aesthetic_weights: Optional[Location] = None
     """LAION improved-aesthetic-predictor weights (`sac+logos+ava1-l14-linearMSE.pth`, made for CLIP ViT-L/14): a
     local file or an http(s) URL. `None` leaves the aesthetic score out."""
 
-    evaluation_lora_scales: list[float] = Field(default_factory=lambda: [0.8, 1.0])
+    evaluation_lora_scales: Annotated[list[PositiveScale], Field(min_length=1, max_length=8)] = Field(
+        default_factory=lambda: [0.8, 1.0])
     """LoRA scales every checkpoint is evaluated at; the recommendation names a checkpoint and a scale."""
 
-    evaluation_images_per_prompt: int = 2
+    evaluation_images_per_prompt: Annotated[int, Field(ge=1, le=8)] = 2
     """Images rendered per evaluation prompt (6 prompts, fixed seeds) for each checkpoint and scale."""
 
     # ------------------------------------------------------------------------------------------------ caches
@@ -362,13 +419,13 @@ class TrainingConfig(BaseModel):
     exactly)."""
 
     # ------------------------------------------------------------------------------------------------ run
-    name: Optional[str] = None
+    name: Optional[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] = None
     """Name of the run and of the output files. Default: derived from the concept mode and the time."""
 
-    output_dir: str = "eden_lora_training_runs"
+    output_dir: Location = "eden_lora_training_runs"
     """Folder under which each run gets its own folder."""
 
-    device: str = "auto"
+    device: Annotated[str, Field(max_length=32)] = "auto"
     """`auto`, `cpu`, `cuda[:N]`, `xpu[:N]` or `mps`. `auto` picks cuda, then xpu, then mps, then cpu. (The XPU
     fork defaulted to `xpu:0`; `auto` gives the same on an XPU machine and still runs elsewhere.)"""
 
@@ -379,11 +436,11 @@ class TrainingConfig(BaseModel):
     allow_tf32: bool = True
     """Allow TF32 matrix maths on NVIDIA Ampere and newer (faster, slightly less precise fp32)."""
 
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = 0
     """Threads that decode images in parallel: for the latent cache, and every step when `cache_vae_outputs` is off.
     0 decodes in the main thread."""
 
-    logging_steps: int = 10
+    logging_steps: Annotated[int, Field(ge=1, le=MAX_TRAIN_STEPS)] = 10
     """Read the loss back from the device (progress bar, CSV log, divergence check) every N steps."""
 
     debug: bool = False
@@ -395,13 +452,14 @@ class TrainingConfig(BaseModel):
     training_attributes: dict = Field(default_factory=dict)
     """Free-form metadata kept with the run (written to `training_args.json`)."""
 
-    start_time: float = 0.0
+    start_time: Annotated[float, Field(ge=0.0, le=MAX_SECONDS)] = 0.0
     """Internal: when the run started (epoch seconds)."""
 
-    job_time: float = 0.0
+    job_time: Annotated[float, Field(ge=0.0, le=MAX_SECONDS)] = 0.0
     """Internal: run time so far in seconds."""
 
     # ============================================================================================ validation
+    # Ranges are part of the field types above; these validators hold the rules a range cannot say.
     @field_validator("lora_training_urls")
     @classmethod
     def _urls_not_empty(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
@@ -410,11 +468,16 @@ class TrainingConfig(BaseModel):
             raise ValueError("lora_training_urls is empty: give at least one URL, S3 object or local path")
         return value
 
-    @field_validator("max_train_images")
+    @field_validator("training_attributes", "pretrained_model")
     @classmethod
-    def _max_images_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"max_train_images must be >= 1, got {value}")
+    def _plain_object(cls, value: Optional[dict], info) -> Optional[dict]:
+        if value is None:
+            return None
+        _check_plain(value, info.field_name, 0)
+        size = len(json.dumps(value, allow_nan=False, default=str))
+        if size > MAX_OBJECT_CHARS:
+            raise ValueError(f"{info.field_name} is {size} characters as JSON, more than the limit of "
+                             f"{MAX_OBJECT_CHARS}")
         return value
 
     @field_validator("s3_endpoint_url")
@@ -446,15 +509,41 @@ class TrainingConfig(BaseModel):
     @field_validator("evaluation_lora_scales")
     @classmethod
     def _evaluation_scales(cls, value: list[float]) -> list[float]:
-        if not value or any(not 0 < s < float("inf") for s in value) or len(set(value)) != len(value):
+        if len(set(value)) != len(value):
             raise ValueError("evaluation_lora_scales must be distinct LoRA scales > 0, for example [0.8, 1.0]")
         return value
 
-    @field_validator("evaluation_images_per_prompt")
+    @field_validator("resolution")
     @classmethod
-    def _images_per_prompt(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("evaluation_images_per_prompt must be >= 1 (images per prompt, checkpoint and scale)")
+    def _resolution_multiple(cls, value: int) -> int:
+        if value % SIZE_MULTIPLE:
+            raise ValueError(f"resolution must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}, got "
+                             f"{value}")
+        return value
+
+    @field_validator("train_img_size")
+    @classmethod
+    def _train_size_multiple(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and any(side % SIZE_MULTIPLE for side in value):
+            raise ValueError(f"train_img_size must be [width, height] (or [side]) with multiples of {SIZE_MULTIPLE}, "
+                             f"got {value}")
+        return value
+
+    @field_validator("validation_img_size")
+    @classmethod
+    def _sample_size_multiple(cls, value: Optional[Union[int, list[int]]]) -> Optional[Union[int, list[int]]]:
+        if isinstance(value, list) and any(side % 8 for side in value):
+            raise ValueError(f"validation_img_size as a list must be [width, height] with multiples of 8, got {value}")
+        if isinstance(value, int) and value % 8:
+            raise ValueError(f"validation_img_size must be a multiple of 8, got {value}")
+        return value
+
+    @field_validator("initializer_token")
+    @classmethod
+    def _single_word(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not value.strip() or len(value.split()) != 1):
+            raise ValueError(f"initializer_token must be a single word, got {value!r} (use initial_phrase for "
+                             "several words)")
         return value
 
     @model_validator(mode="after")
@@ -465,85 +554,11 @@ class TrainingConfig(BaseModel):
             if not ok:
                 errors.append(message)
 
-        for field in ("caption_dropout", "freeze_ti_after_completion_f", "freeze_unet_before_completion_f"):
-            value = getattr(self, field)
-            check(0.0 <= value <= 1.0, f"{field} is a fraction and must be in [0, 1], got {value}")
-
-        for field in (
-            "unet_lr", "ti_lr", "text_encoder_lora_lr", "lora_weight_decay", "ti_weight_decay",
-            "text_encoder_lora_weight_decay", "l1_penalty", "token_attention_loss_w", "cond_reg_w",
-            "tok_cond_reg_w", "tok_cov_reg_w", "token_warmup_steps", "ti_lr_warmup_steps",
-            "txt_encoders_lr_warmup_steps", "augment_imgs_up_to_n", "n_sample_imgs", "dataloader_num_workers",
-            "checkpointing_steps",
-        ):
-            value = getattr(self, field)
-            check(value >= 0, f"{field} must be >= 0, got {value}")
-        for field in ("unet_lr_warmup_steps", "snr_gamma", "sample_imgs_lora_scale"):
-            value = getattr(self, field)
-            check(value is None or value >= 0, f"{field} must be >= 0 (or null), got {value}")
-        for field in (
-            "train_batch_size", "gradient_accumulation_steps", "lora_rank", "text_encoder_lora_rank",
-            "validation_num_inference_steps", "logging_steps",
-        ):
-            value = getattr(self, field)
-            check(value >= 1, f"{field} must be >= 1, got {value}")
-        for field in ("lora_alpha_multiplier", "prodigy_d_coef", "clipseg_temperature", "validation_guidance_scale"):
-            value = getattr(self, field)
-            check(value > 0, f"{field} must be > 0, got {value}")
-        check(
-            self.unet_prodigy_growth_factor >= 1.0,
-            f"unet_prodigy_growth_factor must be >= 1 (1 keeps Prodigy's step size from growing), "
-            f"got {self.unet_prodigy_growth_factor}",
-        )
-        check(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
-            f"max_grad_norm must be > 0 (or null to disable clipping), got {self.max_grad_norm}",
-        )
-        check(
-            self.max_checkpoints is None or self.max_checkpoints >= 1,
-            f"max_checkpoints must be >= 1 (or null to keep all), got {self.max_checkpoints}",
-        )
-
-        # Steps vs epochs: at least one, each positive. Eden writes both (it derives the epochs from the steps),
-        # so both being set is allowed and max_train_steps wins unless only the epochs were given explicitly.
+        # Steps vs epochs: at least one. Eden writes both (it derives the epochs from the steps), so both being set
+        # is allowed and max_train_steps wins unless only the epochs were given explicitly.
         check(
             self.max_train_steps is not None or self.num_train_epochs is not None,
             "set max_train_steps or num_train_epochs: both are null",
-        )
-        check(
-            self.max_train_steps is None or self.max_train_steps >= 1,
-            f"max_train_steps must be >= 1, got {self.max_train_steps}",
-        )
-        check(
-            self.num_train_epochs is None or self.num_train_epochs >= 1,
-            f"num_train_epochs must be >= 1, got {self.num_train_epochs}",
-        )
-
-        # Sizes.
-        check(
-            self.resolution >= SIZE_MULTIPLE and self.resolution % SIZE_MULTIPLE == 0,
-            f"resolution must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}, got {self.resolution}",
-        )
-        if self.train_img_size is not None:
-            size = self.train_img_size
-            check(
-                len(size) in (1, 2) and all(s >= SIZE_MULTIPLE and s % SIZE_MULTIPLE == 0 for s in size),
-                f"train_img_size must be [width, height] (or [side]) with multiples of {SIZE_MULTIPLE}, got {size}",
-            )
-        if isinstance(self.validation_img_size, list):
-            size = self.validation_img_size
-            check(
-                len(size) == 2 and all(s >= 8 and s % 8 == 0 for s in size),
-                f"validation_img_size as a list must be [width, height] with multiples of 8, got {size}",
-            )
-        elif self.validation_img_size is not None:
-            check(
-                self.validation_img_size >= 8 and self.validation_img_size % 8 == 0,
-                f"validation_img_size must be a multiple of 8, got {self.validation_img_size}",
-            )
-        check(
-            self.train_aspect_ratio is None or 0.25 <= self.train_aspect_ratio <= 4.0,
-            f"train_aspect_ratio is width / height and must be in [0.25, 4], got {self.train_aspect_ratio}",
         )
 
         # Tokens.
@@ -555,12 +570,6 @@ class TrainingConfig(BaseModel):
             len(initialisers) <= 1,
             f"set at most one of initializer_token, initial_phrase, initial_embedding_file; got {initialisers}",
         )
-        if self.initializer_token is not None:
-            check(
-                bool(self.initializer_token.strip()) and len(self.initializer_token.split()) == 1,
-                f"initializer_token must be a single word, got {self.initializer_token!r} "
-                "(use initial_phrase for several words)",
-            )
 
         if self.validation_prompts is not None and self.negative_validation_prompts is not None:
             check(
@@ -588,11 +597,11 @@ class TrainingConfig(BaseModel):
         explicit = self.model_fields_set
         if self.disable_ti:
             return
-        if self.n_tokens < 1:
-            errors.append(f"n_tokens must be >= 1 (or set disable_ti: true), got {self.n_tokens}")
-            return
         if "inserting_list_tokens" in explicit:
             tokens = self.inserting_list_tokens
+            if not tokens:
+                errors.append("inserting_list_tokens is empty: give the new token strings (or set disable_ti: true)")
+                return
             if "n_tokens" in explicit and len(tokens) != self.n_tokens:
                 errors.append(
                     f"n_tokens ({self.n_tokens}) must equal the length of inserting_list_tokens "
@@ -627,7 +636,138 @@ class TrainingConfig(BaseModel):
         return next(iter(self.token_dict)) if self.token_dict else "TOK"
 
     def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The settings as JSON, for ``training_args.json``: URLs lose their credentials and signatures, since the
+        file travels in the zip that Replicate serves as the model's public weights."""
+        from trainer.utils.download import redact_values
+
+        return redact_values(self.model_dump(mode="json"))
 
     def explicitly_set(self, field: str) -> bool:
         return field in self.model_fields_set
+
+
+def _check_plain(value: Any, where: str, depth: int) -> None:
+    """JSON-like data nested at most MAX_OBJECT_DEPTH deep, with finite numbers only."""
+    if depth > MAX_OBJECT_DEPTH:
+        raise ValueError(f"{where} is nested more than {MAX_OBJECT_DEPTH} levels deep")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must hold finite numbers, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]", depth + 1)
+
+
+# ================================================================================================== bounds
+@dataclass(frozen=True)
+class Bounds:
+    """The range, choices and lengths a field's type admits (read from its annotation, for docs and messages)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    unit: str = ""
+    """What a length counts: ``characters`` (text) or ``items`` (lists, mappings)."""
+    items: Bounds | None = None
+    """For lists: the bounds of each item."""
+    alternative: Bounds | None = None
+    """For a number that may also be given as a list (``validation_img_size``): the list's bounds."""
+
+    def describe(self) -> str:
+        """``in [64, 2048]``, ``> 0``, ``one of face, style, object``, ``at most 2000 characters``..."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        parts = []
+        low, high = self._low(), self._high()
+        if low and high:
+            parts.append(f"in {low[0]}{low[1]}, {high[1]}{high[0]}")
+        elif low:
+            parts.append(f"{'≥' if low[0] == '[' else '>'} {low[1]}")
+        elif high:
+            parts.append(f"{'≤' if high[0] == ']' else '<'} {high[1]}")
+        length = _length_text(self.min_length, self.max_length, self.unit)
+        if length:
+            parts.append(length)
+        if self.items is not None and self.items.describe():
+            parts.append(f"each {self.items.describe()}")
+        text = ", ".join(parts)
+        if self.alternative is not None:
+            text += f"; or a list of {self.alternative.describe()}"
+        return text
+
+    def _low(self) -> tuple[str, str] | None:
+        if self.ge is not None:
+            return "[", _number(self.ge)
+        return ("(", _number(self.gt)) if self.gt is not None else None
+
+    def _high(self) -> tuple[str, str] | None:
+        if self.le is not None:
+            return "]", _number(self.le)
+        return (")", _number(self.lt)) if self.lt is not None else None
+
+    def at(self, path: tuple) -> Bounds:
+        """The bounds of a part of the value (list items by index)."""
+        bounds = self
+        for part in path:
+            if isinstance(part, int):
+                inner = bounds.items or (bounds.alternative.items if bounds.alternative else None)
+                if inner is not None:
+                    bounds = inner
+        return bounds
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _length_text(low: int | None, high: int | None, unit: str) -> str:
+    if low is not None and high is not None:
+        return f"{low} to {high} {unit}" if low != high else f"exactly {low} {unit}"
+    if high is not None:
+        return f"at most {high} {unit}"
+    return f"at least {low} {unit}" if low is not None else ""
+
+
+def _collect(annotation: Any, metadata: list) -> Bounds:
+    if get_origin(annotation) is Annotated:
+        annotation, *extra = get_args(annotation)
+        for item in extra:
+            metadata = [*metadata, *(getattr(item, "metadata", None) or [item])]
+        return _collect(annotation, metadata)
+    values: dict[str, Any] = {}
+    for item in metadata:
+        for key in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            if getattr(item, key, None) is not None:
+                values[key] = getattr(item, key)
+    origin = get_origin(annotation)
+    if origin is Literal:
+        values["choices"] = get_args(annotation)
+    elif origin in (Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        first = _collect(options[0], [])
+        values = {**{k: v for k, v in vars(first).items() if v not in (None, "")}, **values}
+        if len(options) > 1 and first.items is None and get_origin(_bare(options[1])) is list:
+            values["alternative"] = _collect(options[1], [])
+    elif origin is list or origin is dict or annotation in (list, dict):
+        values["unit"] = "items"
+        if origin is list:
+            values["items"] = _collect(get_args(annotation)[0], [])
+    elif annotation is str:
+        values["unit"] = "characters"
+    return Bounds(**values)
+
+
+def _bare(annotation: Any) -> Any:
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def field_bounds(name: str) -> Bounds:
+    """What ``TrainingConfig``'s field ``name`` admits: the one place the bounds are decided."""
+    field = TrainingConfig.model_fields[name]
+    return _collect(field.annotation, list(field.metadata))

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -62,7 +63,24 @@ def read_text_capped(path: Path, max_bytes: int) -> str:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"larger than {max_bytes} bytes")
-    return data.decode("utf-8-sig", errors="replace")
+    if b"\x00" in data:
+        raise ValueError("it holds binary data, not text")
+    text = data.decode("utf-8-sig", errors="replace")
+    if text.count("\ufffd") > max(4, len(text) // 10):
+        raise ValueError("it is not UTF-8 text (binary data?)")
+    return text
+
+
+#: Terminal escape sequences (colours, cursor moves) and the other control characters a caption never needs.
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> tuple[str, bool]:
+    """``text`` without escape sequences and control characters (tabs and line breaks stay), and whether any were
+    there: they would reach the tokenizer and the logs that print captions."""
+    cleaned = _CONTROLS.sub(" ", _ESCAPES.sub("", text))
+    return cleaned, cleaned != text
 
 
 class CaptionIndex:
@@ -90,14 +108,19 @@ class CaptionIndex:
         if rows is None:
             return None
         parsed = _Table(Path(os.path.normpath(table.path.parent)), origin)
+        cleaned_rows = 0
         for name, caption in rows:
             key = _normalise_key(name)
+            caption, had_controls = strip_controls(caption)
+            cleaned_rows += had_controls
             caption = clean_caption_text(caption)
             if not key or not caption:
                 continue
             parsed.by_path[key] = caption
             base = PurePosixPath(key).name
             parsed.by_name[base] = _AMBIGUOUS if base in parsed.by_name else caption
+        if cleaned_rows:
+            report.warn(f"{table.label}: removed control characters or terminal escapes from {cleaned_rows} caption(s)")
         logger.info("read %d captions from %s", len(parsed.by_path), table.label)
         return parsed
 
@@ -127,7 +150,7 @@ class CaptionIndex:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deeply to read: this line only
                 bad.append(number)
                 continue
             if not isinstance(record, dict):
@@ -141,7 +164,8 @@ class CaptionIndex:
             rows.append((name, caption))
         if bad:
             shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-            report.warn(f"{table.label}: ignored {len(bad)} line(s) without file_name and text (line {shown})")
+            report.warn(f"{table.label}: ignored {len(bad)} line(s) that are not JSON objects with file_name and text "
+                        f"(line {shown})")
         return rows
 
     # ------------------------------------------------------------------------------------------------ lookup
@@ -167,10 +191,15 @@ class CaptionIndex:
             if path == candidate.path or not path.is_file():
                 continue
             try:
-                text = clean_caption_text(read_text_capped(path, SIDECAR_MAX_BYTES))
+                raw = read_text_capped(path, SIDECAR_MAX_BYTES)
             except (OSError, ValueError) as error:
-                report.warn(f"ignoring the caption file of {candidate.label}: {error}")
+                report.warn(f"ignoring the caption file {path.name} of {candidate.label}: {error}")
                 continue
+            raw, had_controls = strip_controls(raw)
+            if had_controls:
+                report.warn(f"removed control characters or terminal escapes from the caption file {path.name} of "
+                            f"{candidate.label}")
+            text = clean_caption_text(raw)
             if text:
                 return text
         return None

@@ -41,10 +41,12 @@ class ImageReadError(DataError):
 @dataclass
 class LoadedImage:
     image: Image.Image
-    """RGB, 8 bits per channel, orientation applied."""
+    """RGB, 8 bits per channel, orientation applied (reduced when the caller asked for a smaller copy)."""
     alpha: Image.Image | None
     """L-mode opacity (255 = opaque) when the file had real transparency, else None."""
     format: str
+    full_size: tuple[int, int] = (0, 0)
+    """(width, height) of the picture at full resolution, orientation applied."""
 
 
 def _register_optional_formats() -> tuple[str, ...]:
@@ -70,19 +72,43 @@ def allowed_formats() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------- conversions
 def _high_bit_to_l(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit int and float greyscale to 8 bits, by the range the type implies."""
+    """16-bit, 32-bit int and float greyscale to 8 bits, by the range the type implies.
+
+    The scaling runs over bands of rows (about a megapixel each): a whole-image float64 copy would take 8 bytes per
+    pixel several times over (a 110 MP 16-bit PNG took 3.5 GiB), a band a few MiB.
+    """
     array = np.asarray(image)
+    low = 0.0
     if image.mode == "F":
-        top = float(np.nanmax(array)) if array.size else 1.0
+        top = max((float(np.nanmax(band)) for band in _bands(array) if band.size and not np.isnan(band).all()),
+                  default=1.0)
         scale = 255.0 if top <= 1.0 else (1.0 if top <= 255.0 else 255.0 / top)
     elif image.mode.startswith("I;16") or (array.size and array.max() <= 65535 and array.min() >= 0):
         scale = 255.0 / 65535.0  # 16-bit data (PNG/TIFF open as I;16 or I): full range, not clipped at 255
     else:
         low, top = float(array.min()), float(array.max())
-        array = array - low
         scale = 255.0 / max(top - low, 1.0)
-    scaled = np.clip(np.nan_to_num(array.astype(np.float64) * scale), 0, 255)
-    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    out = np.empty(array.shape, dtype=np.uint8)
+    rows = _band_rows(array)
+    for start in range(0, array.shape[0], rows):
+        band = array[start:start + rows].astype(np.float64)
+        if low:
+            band -= low
+        band *= scale
+        np.nan_to_num(band, copy=False)
+        np.clip(band, 0, 255, out=band)
+        out[start:start + rows] = np.round(band)
+    return Image.fromarray(out, mode="L")
+
+
+def _band_rows(array: np.ndarray) -> int:
+    return max(1, (1 << 20) // max(1, array.shape[1] if array.ndim > 1 else 1))
+
+
+def _bands(array: np.ndarray):
+    rows = _band_rows(array)
+    for start in range(0, array.shape[0], rows):
+        yield array[start:start + rows]
 
 
 def _to_srgb(image: Image.Image) -> Image.Image:
@@ -140,12 +166,32 @@ def to_rgb(image: Image.Image, background=(255, 255, 255)) -> tuple[Image.Image,
 
 
 # ---------------------------------------------------------------------------------------------------- opening
+def _reduce(image: Image.Image, target: tuple[int, int], gap: float) -> Image.Image:
+    """``image`` shrunk by the largest whole factor that keeps it at least ``gap`` times ``target`` (both sides), as
+    Pillow's own ``reducing_gap`` does: box averages, before any colour conversion sees the full frame."""
+    factor = int(min(image.width / max(target[0], 1), image.height / max(target[1], 1)) / gap)
+    if factor < 2:
+        return image
+    if image.mode in ("1", "P", "PA"):
+        return image  # palettes cannot be averaged; these modes take one byte per pixel or less
+    size = (image.width // factor, image.height // factor)
+    if image.mode.startswith("I;16"):
+        return image.resize(size, Image.Resampling.BOX, box=(0, 0, size[0] * factor, size[1] * factor))
+    return image.reduce(factor)
+
+
 def open_image(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, label: str | None = None,
-               draft_size: tuple[int, int] | None = None) -> LoadedImage:
+               draft_size: tuple[int, int] | None = None, reduce_to: tuple[int, int] | None = None,
+               reduce_gap: float = 2.0) -> LoadedImage:
     """Open an image file as RGB (orientation applied) plus its alpha mask when it has transparency.
 
     ``draft_size`` (width, height) lets JPEG decode directly at a reduced scale of at least that size, which is
-    much faster for working copies. Raises :class:`ImageReadError` naming ``label`` (default: the file name).
+    much faster for working copies. ``reduce_to`` (width, height) shrinks the decoded frame by whole factors while it
+    stays ``reduce_gap`` times larger, before any conversion: the conversions then never hold a second full-size
+    copy. Raises :class:`ImageReadError` naming ``label`` (default: the file name).
+
+    Memory: the frame is decoded once, at most 4 bytes per pixel whatever the bit depth (16-bit and float data are
+    scaled to 8 bits in bands of a megapixel), and at most ``max_pixels``; the rest works on the reduced copy.
     """
     name = label or Path(path).name
     try:
@@ -166,6 +212,11 @@ def open_image(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, label: str | N
                     image.draft("RGB", draft_size)
                 image.seek(0)  # first frame of animations and multi-page files
                 image.load()
+                turned = _orientation(image) in (5, 6, 7, 8)
+                full_size = (height, width) if turned else (width, height)
+                if reduce_to is not None:
+                    # Before the orientation: turning a full frame would copy it.
+                    image = _reduce(image, reduce_to[::-1] if turned else reduce_to, reduce_gap)
                 image = _apply_orientation(image)
                 rgb, alpha = to_rgb(image)
     except ImageReadError:
@@ -182,10 +233,19 @@ def open_image(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS, label: str | N
     except Exception as error:
         reason = str(error).strip() or type(error).__name__
         raise ImageReadError(f"{name}: the image is truncated or corrupt ({reason[:120]})") from None
-    return LoadedImage(rgb, alpha, fmt)
+    return LoadedImage(rgb, alpha, fmt, full_size)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # an unreadable EXIF block: no orientation
+        return 1
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
+    if _orientation(image) == 1:
+        return image  # exif_transpose would return a full copy of an upright frame
     try:
         return ImageOps.exif_transpose(image)
     except Exception as error:

@@ -25,6 +25,8 @@ class DataLimits:
     """All downloads and unpacked archive members together."""
     max_archive_entries: int = 20_000
     """Most members in one archive (and most objects under one S3 prefix)."""
+    max_total_files: int = 20_000
+    """Most files all downloads and archives of one job may create together (nested archives included)."""
     max_compression_ratio: float = 200.0
     """Unpacked size / packed size above which a large member (or a whole compressed tar) is a bomb."""
     ratio_check_min_bytes: int = 32 * MiB

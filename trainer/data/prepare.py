@@ -32,7 +32,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from trainer.config.schema import TrainingConfig
-from trainer.data.augment import TOLERANCE, AugmentView, flips_allowed, plan_augmentation
+from trainer.data.augment import (
+    TOLERANCE,
+    ZOOM_MIRRORED,
+    ZOOM_PLAIN,
+    AugmentView,
+    flips_allowed,
+    plan_augmentation,
+)
 from trainer.data.buckets import training_sizes
 from trainer.data.caption_files import CaptionIndex
 from trainer.data.captioners import create_captioner
@@ -60,6 +67,11 @@ SCRATCH_DIR = "_ingest"
 PREPARE_VERSION = 1
 #: Side of the working copy that masks and saliency are computed on.
 WORK_SIDE = 1024
+#: Frames above this many pixels are reduced before the crops are rendered (see ``SourceImage.load``); below it the
+#: crops come from the full frame, as they always did.
+REDUCE_ABOVE_PIXELS = 24_000_000
+#: The most a crop zooms in (augmented copies).
+MAX_ZOOM = max(ZOOM_PLAIN[1], ZOOM_MIRRORED[1])
 #: Upscaling beyond this factor gets a warning: the image will look soft.
 UPSCALE_WARNING = 2.0
 #: Settings that change the prepared dataset; a dataset prepared with the same ones is reused.
@@ -79,11 +91,22 @@ class SourceImage:
     """(height, width) after EXIF orientation: SDXL's original-size conditioning."""
     limits: DataLimits
 
-    def load(self, max_side: int | None = None) -> LoadedImage:
-        """Decode again (images are not kept in memory); ``max_side`` gives a smaller working copy."""
+    def load(self, max_side: int | None = None, render_hw: tuple[int, int] | None = None) -> LoadedImage:
+        """Decode again (images are not kept in memory); ``max_side`` gives a smaller working copy.
+
+        ``render_hw`` (the training size): a frame larger than :data:`REDUCE_ABOVE_PIXELS` is reduced while it still
+        holds three times the pixels the most zoomed crop of that size needs, the margin ``render_image`` resamples
+        with; smaller frames are used as they are.
+        """
         draft = (max_side, max_side) if max_side else None
+        reduce_to = (max_side, max_side) if max_side else None
+        gap = 2.0
+        height, width = self.original_hw
+        if render_hw is not None and height * width > REDUCE_ABOVE_PIXELS:
+            needed_h, needed_w = cover_size(self.original_hw, render_hw, zoom=MAX_ZOOM)
+            reduce_to, gap = (needed_w, needed_h), 3.0
         loaded = open_image(self.candidate.path, max_pixels=self.limits.max_image_pixels, label=self.candidate.label,
-                            draft_size=draft)
+                            draft_size=draft, reduce_to=reduce_to, reduce_gap=gap)
         if max_side and max(loaded.image.size) > max_side:
             loaded.image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             if loaded.alpha is not None:
@@ -148,6 +171,7 @@ def prepare_dataset(config: TrainingConfig, work_dir: Path, *, allow_local: bool
             PreparedDataset(root=building, samples=samples, trigger=config.trigger, info=info).save()
         dataset = PreparedDataset(root=root, samples=samples, trigger=config.trigger, info=info)
     finally:
+        report.finish()
         shutil.rmtree(scratch, ignore_errors=True)
     _write_preview(dataset, work_dir / PREVIEW_NAME, config)
     logger.info(
@@ -178,9 +202,10 @@ def _decode_all(candidates: list[Candidate], limits: DataLimits, report: PrepRep
     images: list[SourceImage] = []
     for candidate in tqdm(candidates, desc="checking images", unit="img", leave=False):
         try:
-            # A reduced JPEG decode still reads the whole stream, so truncation is caught at a fraction of the cost.
+            # A reduced JPEG decode still reads the whole stream, so truncation is caught at a fraction of the cost;
+            # other formats are decoded whole and reduced before any conversion.
             loaded = open_image(candidate.path, max_pixels=limits.max_image_pixels, label=candidate.label,
-                                draft_size=(WORK_SIDE, WORK_SIDE))
+                                draft_size=(WORK_SIDE, WORK_SIDE), reduce_to=(WORK_SIDE, WORK_SIDE))
             width, height = _oriented_full_size(candidate, loaded, limits)
         except ImageReadError as error:
             report.skip_error(error)
@@ -204,7 +229,7 @@ def _decode_all(candidates: list[Candidate], limits: DataLimits, report: PrepRep
 def _oriented_full_size(candidate: Candidate, loaded: LoadedImage, limits: DataLimits) -> tuple[int, int]:
     """Full-resolution (width, height) after orientation (a draft decode may be smaller)."""
     if loaded.format not in ("JPEG", "MPO"):
-        return loaded.image.size
+        return loaded.full_size
     from trainer.data.images import oriented_size
 
     try:
@@ -282,7 +307,7 @@ def _render_all(config: TrainingConfig, images: list[SourceImage], captions: lis
     n_alpha = 0
     try:
         for i, image in enumerate(tqdm(images, desc="masks and crops", unit="img")):
-            loaded = image.load()
+            loaded = image.load(render_hw=sizes[i])
             mask, from_alpha = _mask_for(loaded, masker)
             n_alpha += from_alpha
             importance = _importance(loaded.image, mask) if config.crop_based_on_salience else None

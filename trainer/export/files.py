@@ -184,8 +184,10 @@ def embedding_vectors(state: dict[str, torch.Tensor], version: str, where: str =
     for keys in (EMBEDDING_KEYS[version], LEGACY_EMBEDDING_KEYS[version]):
         if all(key in state for key in keys):
             return [state[key] for key in keys]
+    keys = sorted(state)  # a stranger's file may hold any number of keys: a few are shown
+    shown = ", ".join(repr(key[:60]) for key in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
     raise ValueError(f"{where} has no {' / '.join(EMBEDDING_KEYS[version])} vectors for this {version} model "
-                     f"(keys: {sorted(state)})")
+                     f"(keys: {shown or 'none'})")
 
 
 def write_embeddings(folder: Path, name: str, version: str, vectors: list[torch.Tensor], metadata: dict[str, str],
@@ -217,7 +219,8 @@ def find_artifacts(folder: Path) -> dict[str, Path | None]:
     def one(suffix: str) -> Path | None:
         matches = sorted(folder.glob(f"*{suffix}"))
         if len(matches) > 1:
-            raise ValueError(f"{folder} holds several *{suffix} files: {[m.name for m in matches]}")
+            # the folder's name only: an unpacked request's folder lies in the server's cache
+            raise ValueError(f"{folder.name} holds several *{suffix} files: {[m.name[:80] for m in matches[:8]]}")
         return matches[0] if matches else None
 
     unet_dir = folder / FULL_UNET_DIR

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from trainer.config.schema import MAX_TOKEN_CHARS, MAX_TOKENS
+from trainer.data.ingest.archives import unpack_untrusted
+from trainer.data.limits import DataLimits
 from trainer.inference import eden_layout
 from trainer.models.loading import ModelSource, resolve_source
 from trainer.utils.atomic import atomic_dir
@@ -23,6 +24,13 @@ logger = logging.getLogger(__name__)
 
 #: A delivered zip is at most a few hundred MB (LoRA, embeddings, samples); refuse archives far beyond that.
 MAX_BUNDLE_BYTES = 8 << 30
+#: What a bundle zip may unpack to: its files are weights and JPEGs, which barely compress, so a high ratio can only
+#: be a bomb; a bundle holds tens of files, not thousands.
+BUNDLE_LIMITS = DataLimits(max_download_bytes=MAX_BUNDLE_BYTES, max_total_bytes=MAX_BUNDLE_BYTES,
+                           max_archive_entries=2000, max_total_files=2000, max_compression_ratio=20.0,
+                           ratio_check_min_bytes=32 << 20, max_archive_depth=1)
+#: training_args.json and special_params.json are a few KiB.
+MAX_JSON_BYTES = 1 << 20
 
 
 @dataclass
@@ -38,6 +46,10 @@ class LoraBundle:
     """``ours`` or ``eden``: whose file names, key names and token rule the folder follows."""
     token_names: list[str] | None = None
     """The tokens of the embedding rows when the layout fixes them (Eden: ``<s0>``, ``<s1>``, ...)."""
+    local_paths: bool = True
+    """Whether ``training_args.json`` may name a base model on this machine's disk: only for the operator's own
+    bundles. An archive from a request (or a URL), in either layout, names hub ids and URLs only, fetched through
+    the guarded client."""
 
     @property
     def trigger(self) -> str:
@@ -60,11 +72,17 @@ class LoraBundle:
         args = self.training_args
         location = override or args.get("ckpt_path")
         pretrained = None if location else args.get("pretrained_model")
-        return resolve_source(location, pretrained, args.get("sd_model_version"), cache_dir)
+        return resolve_source(location, pretrained, args.get("sd_model_version"), cache_dir,
+                              local_paths=self.local_paths or override is not None)
 
     @classmethod
-    def open(cls, path: Path, work_dir: Path | None = None) -> LoraBundle:
-        """Open a checkpoint folder, an unpacked bundle, a zip or an Eden ``.tar`` (unpacked into ``work_dir``)."""
+    def open(cls, path: Path, work_dir: Path | None = None, *, local_paths: bool = True) -> LoraBundle:
+        """Open a checkpoint folder, an unpacked bundle, a zip or an Eden ``.tar`` (unpacked into ``work_dir``).
+
+        Any archive (our zip, Eden's tar, plain or recompressed) is unpacked by the same code and under the same
+        kind of limits as training archives (:func:`extract_bundle`), and what its files say is checked and clamped
+        (:func:`read_training_args`, :func:`read_token_dict`), whichever layout they follow: it may come from anyone.
+        """
         path = Path(path)
         label = None
         if path.is_file():
@@ -76,20 +94,16 @@ class LoraBundle:
             target = Path(work_dir or path.parent) / f"{path.stem}-{_digest(path)}"
             if not target.is_dir():
                 with atomic_dir(target, replace=False) as tmp:
-                    if kind == "zip":
-                        extract_zip(path, tmp)
-                    else:
-                        eden_layout.extract_tar(path, tmp, max_bytes=MAX_BUNDLE_BYTES, kind=kind)
+                    extract_bundle(path, tmp)
             path = target
         if not path.is_dir():
             raise ValueError(f"{path} does not exist")
         path = eden_layout.bundle_root(path)
         files = eden_layout.find_bundle_files(path, label)
-        training_args = json.loads(files.training_args.read_text(encoding="utf-8"))
-        token_dict = json.loads(files.special_params.read_text(encoding="utf-8"))
+        training_args = read_training_args(files.training_args)
         embeddings, token_names = files.embeddings, None
         if embeddings is not None:
-            rows = eden_layout.embedding_rows(embeddings)
+            rows = eden_layout.embedding_rows(embeddings, max_rows=MAX_TOKENS)
             if rows == 0:
                 embeddings = None  # a run without new tokens: the file is there for Eden's loaders only
             elif files.layout == eden_layout.EDEN:
@@ -100,10 +114,17 @@ class LoraBundle:
         if files.layout == eden_layout.EDEN:
             version = eden_layout.eden_version(training_args, files)
         if version not in ("sdxl", "sd15"):
-            raise ValueError(f"{path.name}: training_args.json has no valid sd_model_version ({version!r})")
+            raise ValueError(f"{path.name}: training_args.json has no valid sd_model_version ({str(version)[:40]!r})")
+        if embeddings is None:
+            tokens = None
+        elif token_names is not None:
+            tokens = token_names
+        else:
+            tokens = training_args.get("inserting_list_tokens") or []
+        token_dict = read_token_dict(files.special_params, tokens)
         return cls(folder=path, lora=files.lora, embeddings=embeddings, unet_dir=files.unet_dir,
                    token_dict=token_dict, training_args=training_args, version=version, layout=files.layout,
-                   token_names=token_names)
+                   token_names=token_names, local_paths=local_paths)
 
 
 def _digest(path: Path) -> str:
@@ -114,20 +135,63 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def extract_zip(archive: Path, target: Path) -> None:
-    """Extract a bundle zip, refusing members that would land outside ``target`` or inflate beyond the cap."""
-    with zipfile.ZipFile(archive) as handle:
-        total = 0
-        for info in handle.infolist():
-            name = PurePosixPath(info.filename)
-            if name.is_absolute() or ".." in name.parts or info.filename.startswith(("/", "\\")):
-                raise ValueError(f"{archive.name}: refusing the unsafe member path {info.filename!r}")
-            total += info.file_size
-            if total > MAX_BUNDLE_BYTES:
-                raise ValueError(f"{archive.name}: unpacks to more than {MAX_BUNDLE_BYTES} bytes")
-            if info.is_dir():
-                continue
-            destination = target / name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with handle.open(info) as source, destination.open("wb") as sink:
-                shutil.copyfileobj(source, sink)
+def extract_bundle(archive: Path, target: Path) -> None:
+    """Unpack a bundle archive (our zip, Eden's tar, plain or compressed) into the (empty) folder ``target`` under
+    :data:`BUNDLE_LIMITS`: the one extractor for every archive a request can send."""
+    report = unpack_untrusted(archive, target, archive.name, BUNDLE_LIMITS)
+    if report.counts["skipped"]:
+        logger.warning("%s: %d member(s) skipped while unpacking", archive.name, report.counts["skipped"])
+
+
+def _read_json(path: Path, what: str):
+    with path.open("rb") as handle:
+        data = handle.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} is larger than {MAX_JSON_BYTES // 1024} KiB; a trained bundle's is a few KiB")
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to read") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} is not valid JSON ({type(error).__name__})") from None
+
+
+def read_training_args(path: Path) -> dict:
+    """``training_args.json`` as a dict; what the predictor uses from it is checked where it is used."""
+    data = _read_json(path, "training_args.json")
+    if not isinstance(data, dict):
+        raise ValueError(f"training_args.json must hold a JSON object, got a JSON {type(data).__name__}")
+    tokens = data.get("inserting_list_tokens")
+    if tokens is not None and not (isinstance(tokens, list) and len(tokens) <= MAX_TOKENS
+                                   and all(isinstance(t, str) and 0 < len(t) <= MAX_TOKEN_CHARS for t in tokens)):
+        raise ValueError(f"training_args.json: inserting_list_tokens must be at most {MAX_TOKENS} token strings of at "
+                         f"most {MAX_TOKEN_CHARS} characters")
+    return data
+
+
+def read_token_dict(path: Path, tokens: list[str] | None) -> dict[str, str]:
+    """``special_params.json``: one trigger mapped to exactly the bundle's tokens (``tokens``: ours from
+    ``inserting_list_tokens``, Eden's one ``<s{i}>`` per embedding row; ``None`` when it has no token vectors, and
+    then to short text). Anything else would let the file rewrite prompts at will (a trigger mapped to 100,000
+    characters turns each use into a 100,000-character prompt)."""
+    data = _read_json(path, "special_params.json")
+    if not isinstance(data, dict) or not data:
+        raise ValueError("special_params.json must map the trigger to the new tokens, for example "
+                         '{"TOK": "<s0><s1>"}')
+    trigger, value = next(iter(data.items()))
+    if not isinstance(value, str) or not trigger.strip() or len(trigger) > MAX_TOKEN_CHARS:
+        raise ValueError(f"special_params.json: the trigger must be a word of at most {MAX_TOKEN_CHARS} characters "
+                         "mapped to text")
+    shown = value if len(value) <= 80 else f"{value[:60]}... ({len(value)} characters)"
+    if tokens is not None:
+        if not tokens:
+            raise ValueError("training_args.json names no inserting_list_tokens for the bundle's embeddings")
+        if value != "".join(tokens):
+            raise ValueError(f"special_params.json maps {trigger[:40]!r} to {shown!r}, not to the bundle's tokens "
+                             f"({''.join(tokens)!r})")
+    elif len(value) > MAX_TOKENS * MAX_TOKEN_CHARS:
+        raise ValueError(f"special_params.json maps {trigger[:40]!r} to {shown!r}, longer than "
+                         f"{MAX_TOKENS * MAX_TOKEN_CHARS} characters")
+    if len(data) > 1:
+        logger.warning("special_params.json: using the trigger %r; %d other entries ignored", trigger, len(data) - 1)
+    return {trigger: value}

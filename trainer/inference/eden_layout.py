@@ -14,6 +14,10 @@ same ``sd_model_version`` / ``ckpt_path`` / ``pretrained_model`` keys) and ``<na
   ``<s0>``, ``<s1>``, ... (its ``load_embeddings``).
 - Delivered as: ours ``<name>.zip``; Eden's ``<name>_eden_concept_lora_<time>.tar``.
 
+This module only says which layout an unpacked folder follows and where its files are. Both archives are unpacked by
+one extractor (:func:`trainer.inference.bundle.extract_bundle`, the archive rules of training data), and what the
+files say is checked there and in :mod:`trainer.inference.fit`, whichever layout they follow.
+
 Both LoRA files are read by diffusers' own kohya conversion (``load_lora_weights``), which maps SGM and diffusers
 block names onto the same modules, so the same weights give the same images in either layout.
 """
@@ -72,27 +76,6 @@ def archive_kind(path: Path) -> str | None:
 
     kind = sniff(read_head(path, 512))
     return kind if kind == "zip" or kind in TAR_KINDS else None
-
-
-def extract_tar(archive: Path, target: Path, *, max_bytes: int, kind: str = "tar") -> None:
-    """Unpack an Eden ``.tar`` (``kind``: plain, or compressed as ``gzip``, ``bz2``, ``xz``) into the existing folder
-    ``target`` with the project's archive rules.
-
-    Unsafe names, links and device files are skipped with a warning; bombs, corrupt archives and archives with more
-    than the entry cap are refused (``trainer.data.ingest.archives``).
-    """
-    from trainer.data.ingest.archives import ExtractContext, extract_archive
-    from trainer.data.ingest.budget import ByteBudget
-    from trainer.data.limits import DataLimits
-    from trainer.data.report import PrepReport
-
-    limits = DataLimits().with_(max_total_bytes=max_bytes, max_download_bytes=max_bytes)
-    context = ExtractContext(limits=limits, budget=ByteBudget(limits), report=PrepReport())
-    unpacked = target / ".unpacked"
-    extract_archive(archive, kind, unpacked, archive.name, context)
-    for entry in unpacked.iterdir():
-        entry.rename(target / entry.name)
-    unpacked.rmdir()
 
 
 def bundle_root(folder: Path) -> Path:
@@ -156,16 +139,24 @@ def _holds_lora_keys(path: Path) -> bool:
     return bool(keys) and all(key.startswith(_LORA_KEY_PREFIXES) for key in keys)
 
 
-def embedding_rows(path: Path) -> int:
-    """How many token vectors an embeddings file holds (from its header, without reading the tensors)."""
+def embedding_rows(path: Path, max_rows: int) -> int:
+    """How many token vectors an embeddings file holds (from its header, without reading the tensors); more than
+    ``max_rows`` is refused, since Eden's layout adds one token per row."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        keys = handle.keys()
-        shapes = [handle.get_slice(key).get_shape() for key in keys]
-    if not shapes or any(len(shape) != 2 for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            shapes = [handle.get_slice(key).get_shape() for key in keys[:8]]
+    except Exception as error:  # any parse failure of a stranger's file (header, dtype, truncation)
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{path.name} is not a readable .safetensors file ({text})") from None
+    if not shapes or len(keys) > 8 or any(len(shape) != 2 for shape in shapes) or len({s[0] for s in shapes}) != 1:
         raise ValueError(f"{path.name} is not a token embeddings file: expected tensors of shape [n_tokens, width], "
-                         f"got {shapes}")
+                         f"got {shapes[:4]}")
+    if shapes[0][0] > max_rows:
+        raise ValueError(f"{path.name} holds {shapes[0][0]} token vectors per text encoder, more than the limit of "
+                         f"{max_rows}")
     return shapes[0][0]
 
 

@@ -16,9 +16,17 @@ from PIL import Image
 
 from trainer.data.captions import replace_trigger
 from trainer.device import DeviceInfo, setup_device
-from trainer.export.files import embedding_vectors
+from trainer.export.files import EMBEDDING_KEYS, embedding_vectors
 from trainer.inference.bundle import LoraBundle
 from trainer.inference.dora import MergedDora, has_dora
+from trainer.inference.fit import (
+    LoraMismatch,
+    check_diffusers_lora_state,
+    check_lora_state,
+    check_token_vectors,
+    check_unet_config,
+    is_diffusers_lora,
+)
 from trainer.models.loading import ModelSource, load_models, model_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -81,15 +89,9 @@ class Generator:
             return
         self.load_base(bundle.base_source(self.cache_dir, base_override))
         self.deactivate()
-        pipe = self.pipeline
         try:
             if bundle.unet_dir is not None:
-                from diffusers import UNet2DConditionModel
-
-                self.base_unet = pipe.unet
-                pipe.unet = UNet2DConditionModel.from_pretrained(bundle.unet_dir, dtype=self.device.dtype).to(
-                    self.device.device
-                )
+                self._load_unet(bundle)
             if bundle.lora is not None:
                 self._load_lora(bundle)
             if bundle.embeddings is not None:
@@ -101,29 +103,58 @@ class Generator:
         self.active = bundle
         logger.info("activated %s", bundle.folder.name)
 
-    def _load_lora(self, bundle: LoraBundle) -> None:
-        from safetensors.torch import load_file
+    def _load_unet(self, bundle: LoraBundle) -> None:
+        from diffusers import UNet2DConditionModel
 
-        state = load_file(str(bundle.lora))
-        if not has_dora(state):
-            self.pipeline.load_lora_weights(str(bundle.lora.parent), weight_name=bundle.lora.name, adapter_name=ADAPTER)
-            return
-        # DoRA: the UNet part is merged exactly (diffusers would drop the magnitudes); text-encoder LoRA stays an
-        # ordinary adapter.
-        text_part = {k: v for k, v in state.items() if k.startswith("lora_te")}
-        if text_part:
-            self.pipeline.load_lora_weights(text_part, adapter_name=ADAPTER)
-        unet_part = {k: v for k, v in state.items() if not k.startswith("lora_te")}
-        self.dora = MergedDora(self.pipeline.unet, self.version, unet_part)
+        pipe = self.pipeline
+        check_unet_config(bundle.unet_dir, pipe.unet.config)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(bundle.unet_dir, dtype=self.device.dtype)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+            raise LoraMismatch(f"its UNet does not load ({_first_line(error)})") from None
+        for name, tensor in unet.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise LoraMismatch(f"its UNet's {name} holds NaN or infinite values")
+        self.base_unet = pipe.unet
+        pipe.unet = unet.to(self.device.device)
+
+    def _load_lora(self, bundle: LoraBundle) -> None:
+        state = _read_tensors(bundle.lora)
+        if is_diffusers_lora(state):  # diffusers' own file, which older Eden checkpoints kept
+            check_diffusers_lora_state(state, self.pipeline, self.version)
+        else:
+            check_lora_state(state, self.pipeline, self.version)
+        try:
+            if not has_dora(state):
+                self.pipeline.load_lora_weights(state, adapter_name=ADAPTER)
+                return
+            # DoRA: the UNet part is merged exactly (diffusers would drop the magnitudes); text-encoder LoRA stays an
+            # ordinary adapter.
+            text_part = {k: v for k, v in state.items() if k.startswith("lora_te")}
+            if text_part:
+                self.pipeline.load_lora_weights(text_part, adapter_name=ADAPTER)
+            unet_part = {k: v for k, v in state.items() if not k.startswith("lora_te")}
+            self.dora = MergedDora(self.pipeline.unet, self.version, unet_part)
+        except LoraMismatch:
+            raise
+        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
+            raise LoraMismatch(f"{bundle.lora.name} does not load ({_first_line(error)})") from None
 
     def _load_embeddings(self, bundle: LoraBundle) -> None:
-        from safetensors.torch import load_file
-
-        vectors = embedding_vectors(load_file(str(bundle.embeddings)), self.version, bundle.embeddings.name)
+        state = _read_tensors(bundle.embeddings)
+        try:
+            vectors = embedding_vectors(state, self.version, bundle.embeddings.name)
+        except ValueError as error:
+            raise LoraMismatch(str(error)) from None
         pipe = self.pipeline
         pairs = [(pipe.text_encoder, pipe.tokenizer)]
         if self.version == "sdxl":
             pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
+        # Named by encoder (clip_l, clip_g), whichever key the file used for them.
+        named = dict(zip(EMBEDDING_KEYS[self.version], vectors, strict=True))
+        widths = {key: encoder.get_input_embeddings().weight.shape[1]
+                  for key, (encoder, _) in zip(named, pairs, strict=True)}
+        check_token_vectors(named, widths, len(bundle.tokens), bundle.embeddings.name)
         for rows, (encoder, tokenizer) in zip(vectors, pairs, strict=True):
             pipe.load_textual_inversion(rows, token=bundle.tokens, text_encoder=encoder, tokenizer=tokenizer)
 
@@ -198,6 +229,19 @@ class Generator:
             )
         logger.info("generated %d image(s) with seed %d", request.num_outputs, seed)
         return result.images
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # any parse failure (header, dtype, truncation) means "not a tensor file"
+        raise LoraMismatch(f"{path.name} is not a readable .safetensors file ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _adapter_names(pipe) -> set[str]:

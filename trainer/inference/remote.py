@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from trainer.inference.bundle import LoraBundle
+from trainer.utils.atomic import sweep_partials
 from trainer.utils.download import download, redact_url
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,15 @@ def describe(location: str) -> str:
 
 
 class BundleStore:
-    def __init__(self, root: Path, *, max_entries: int = 8, s3_endpoint: str | None = None) -> None:
+    def __init__(self, root: Path, *, max_entries: int = 8, s3_endpoint: str | None = None,
+                 local_paths: bool = False) -> None:
         self.root = Path(root)
+        self.local_paths = local_paths
+        """Whether the bundles' training_args.json may name base models on this machine (the operator's switch)."""
         self.max_entries = max(1, max_entries)
         self.s3_endpoint = s3_endpoint
         self._open: dict[str, LoraBundle] = {}
+        self._sweep()
 
     def get(self, location: str, *, allow_local: bool) -> LoraBundle:
         """The bundle at ``location`` (URL, ``s3://`` URI, or local zip/folder when allowed)."""
@@ -60,7 +65,8 @@ class BundleStore:
             path = Path(location).expanduser()
             if not path.exists():
                 raise ValueError(f"LoRA location {location!r}: no such file or folder")
-            bundle = LoraBundle.open(path, self.root / "local" / _digest(str(path.resolve())))
+            bundle = LoraBundle.open(path, self.root / "local" / _digest(str(path.resolve())),
+                                     local_paths=self.local_paths)
         self._open[location] = bundle
         return bundle
 
@@ -68,27 +74,41 @@ class BundleStore:
     def _fetch(self, url: str, scheme: str) -> LoraBundle:
         entry = self.root / "urls" / _digest(url)
         archive = entry / ZIP_NAME
-        if archive.is_file():
-            logger.info("using the cached LoRA %s", describe(url))
-        else:
-            self._prune(keep=entry)
-            logger.info("downloading the LoRA %s", describe(url))
-            if scheme == "s3":
-                from trainer.utils.s3 import S3Uri, download_file, s3_client
-
-                download_file(s3_client(self.s3_endpoint), S3Uri.parse(url, what="LoRA location"), archive,
-                              max_bytes=MAX_DOWNLOAD_BYTES)
-            else:
-                download(url, archive, max_bytes=MAX_DOWNLOAD_BYTES)
-        self._touch(entry)
         try:
-            return LoraBundle.open(archive, entry)
-        except ValueError as error:
-            # A file that is not a trained bundle stays useless: do not keep it for the next request.
+            if archive.is_file():
+                logger.info("using the cached LoRA %s", describe(url))
+            else:
+                self._prune(keep=entry)
+                logger.info("downloading the LoRA %s", describe(url))
+                if scheme == "s3":
+                    from trainer.utils.s3 import S3Uri, download_file, s3_client
+
+                    download_file(s3_client(self.s3_endpoint), S3Uri.parse(url, what="LoRA location"), archive,
+                                  max_bytes=MAX_DOWNLOAD_BYTES)
+                else:
+                    download(url, archive, max_bytes=MAX_DOWNLOAD_BYTES)
+            self._touch(entry)
+            return LoraBundle.open(archive, entry, local_paths=self.local_paths)
+        except BaseException as error:
+            # A refused, partial or useless download stays useless: nothing of it is kept for the next request.
             shutil.rmtree(entry, ignore_errors=True)
-            raise ValueError(f"LoRA location {describe(url)} ({_name_of(url)}): {error}") from None
+            if isinstance(error, ValueError):
+                raise ValueError(f"LoRA location {describe(url)} ({_name_of(url)}): {error}") from None
+            raise
 
     # --------------------------------------------------------------------------------------------- cache
+    def _sweep(self) -> None:
+        """At start-up: remove what a killed process left (partial downloads and unpacks, entries without a zip)."""
+        removed = sweep_partials(self.root)
+        urls = self.root / "urls"
+        if urls.is_dir():
+            for entry in urls.iterdir():
+                if entry.is_dir() and not (entry / ZIP_NAME).is_file():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed += 1
+        if removed:
+            logger.info("removed %d partial download(s) from the LoRA cache", removed)
+
     def _touch(self, entry: Path) -> None:
         now = time.time()
         with contextlib.suppress(OSError):

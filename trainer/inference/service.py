@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainer.inference.bundle import LoraBundle
 from trainer.inference.generator import SCHEDULERS, GenerationRequest, Generator
 from trainer.inference.remote import BundleStore, describe
+from trainer.utils.download import redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +31,19 @@ ENV_WEIGHT_TYPE = "TRAINER_WEIGHT_TYPE"
 ENV_PREDICT_DIR = "TRAINER_PREDICT_DIR"
 OUTPUT_FORMATS = {"webp": ("WEBP", ".webp"), "png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
 MAX_SIDE = 2048
+#: CLIP reads 77 tokens; a prompt far longer than that is a mistake or an attack on the tokenizer.
+MAX_PROMPT_CHARS = 2000
 
 
 class PredictionInputs(BaseModel):
     """One request, validated. ``predict.py`` declares the same names, defaults and bounds for cog's schema."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     lora_url: Optional[str] = None
     lora_scale: float = Field(default=1.0, ge=0.0, le=2.0)
-    negative_prompt: str = ""
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     width: Optional[int] = Field(default=None, ge=64, le=MAX_SIDE)
     height: Optional[int] = Field(default=None, ge=64, le=MAX_SIDE)
     num_outputs: int = Field(default=1, ge=1, le=4)
@@ -74,8 +77,11 @@ class PredictionInputs(BaseModel):
             for item in error.errors():
                 where = ".".join(str(part) for part in item["loc"]) or "input"
                 message = item["msg"].removeprefix("Value error, ")
-                problems.append(f"{where}: {message} (got {item.get('input')!r})")
-            raise ValueError("; ".join(problems)) from None
+                shown = repr(item.get("input"))
+                if len(shown) > 80:
+                    shown = f"{shown[:60]}... ({len(shown)} characters)"
+                problems.append(f"{where}: {message} (got {shown})")
+            raise ValueError(redact_text("; ".join(problems))) from None
 
 
 def default_weight_type(generator_device: str) -> str:
@@ -102,8 +108,14 @@ class PredictionService:
         device = device or os.environ.get(ENV_DEVICE, "auto")
         weight_type = weight_type or os.environ.get(ENV_WEIGHT_TYPE) or default_weight_type(device)
         root = Path(root or os.environ.get(ENV_PREDICT_DIR) or work_root() / "predict")
+        from trainer.models.loading import model_cache_dir, sweep_downloads
+
+        sweep_downloads(model_cache_dir())
         generator = Generator(device=device, weight_type=weight_type)
-        store = BundleStore(root / "loras")
+        from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag
+
+        # What a LoRA's training_args.json names is the request's choice: local base models only if the operator says.
+        store = BundleStore(root / "loras", local_paths=env_flag(ENV_ALLOW_LOCAL))
         service = cls(generator, store, root / "outputs")
         if weights is not None and str(weights).strip():
             # COG_WEIGHTS is set by the operator (or by Replicate after a training): a local path is fine here.
@@ -145,7 +157,8 @@ class PredictionService:
     def _size(self, inputs: PredictionInputs) -> tuple[int, int]:
         """Missing sides default to the base model's native size (1024 for SDXL, 512 for SD1.5)."""
         pipe = self.generator.pipeline
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        # Never past the request bounds, whatever a model's configuration says.
+        native = min(pipe.unet.config.sample_size * pipe.vae_scale_factor, MAX_SIDE)
         return inputs.width or native, inputs.height or native
 
     def _save(self, images, inputs: PredictionInputs) -> list[Path]:

@@ -30,6 +30,9 @@ DEFAULT_MODELS: dict[str, str] = {
 #: Environment variables that replace the default base model of each family (hub id, folder, file or URL).
 DEFAULT_MODEL_ENV = {"sdxl": "TRAINER_SDXL_MODEL", "sd15": "TRAINER_SD15_MODEL"}
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+#: Largest checkpoint fetched from a URL: an fp32 SDXL file is about 14 GB.
+ENV_MAX_MODEL_BYTES = "TRAINER_MAX_MODEL_BYTES"
+DEFAULT_MAX_MODEL_BYTES = 16 << 30
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -99,9 +102,19 @@ class SDModels:
 
 
 # ------------------------------------------------------------------------------------------------ resolution
+def is_hub_id(text: str) -> bool:
+    """``org/name`` as the Hugging Face hub spells repositories (no ``.``/``..`` parts, so never a path upwards)."""
+    return bool(HUB_ID.match(text)) and not any(part.startswith(".") for part in text.split("/"))
+
+
 def resolve_source(ckpt_path: str | None, pretrained_model: dict | None, sd_model_version: Version | None,
-                   cache_dir: Path) -> ModelSource:
-    """Decide what to load from the config's ``ckpt_path`` / ``pretrained_model`` / ``sd_model_version``."""
+                   cache_dir: Path, *, local_paths: bool = True) -> ModelSource:
+    """Decide what to load from the config's ``ckpt_path`` / ``pretrained_model`` / ``sd_model_version``.
+
+    ``local_paths`` False (a request from the network, a LoRA zip's ``training_args.json``): the names are never
+    looked up on this machine's disk, so a missing file, a folder and a file all get the same answer; only hub ids,
+    http(s) URLs and the tiny fixtures are accepted.
+    """
     declared = sd_model_version
     if pretrained_model and not ckpt_path:
         unknown = set(pretrained_model) - {"path", "url", "version", "name", "config"}
@@ -116,7 +129,8 @@ def resolve_source(ckpt_path: str | None, pretrained_model: dict | None, sd_mode
             )
         declared = declared or version
         path, url = pretrained_model.get("path"), pretrained_model.get("url")
-        if path and (Path(path).expanduser().exists() or path in TINY_NAMES or not url):
+        usable_path = path in TINY_NAMES or (Path(path).expanduser().exists() if local_paths else is_hub_id(str(path)))
+        if path and (usable_path or not url):
             ckpt_path = path
         elif url:
             ckpt_path = url
@@ -132,6 +146,13 @@ def resolve_source(ckpt_path: str | None, pretrained_model: dict | None, sd_mode
         return ModelSource("tiny", location, declared)
     if location.startswith(("http://", "https://")):
         return ModelSource("url", location, declared)
+    if not local_paths:
+        if is_hub_id(location):
+            return ModelSource("hub", location, declared)
+        raise ValueError(
+            f"ckpt_path {location[:200]!r}: local paths are not accepted here; give a hub id (org/name) or an "
+            "http(s) URL of a checkpoint (the operator can allow local paths with TRAINER_ALLOW_LOCAL_SOURCES)"
+        )
     path = Path(location).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -154,10 +175,14 @@ def resolve_source(ckpt_path: str | None, pretrained_model: dict | None, sd_mode
 
 
 def download_checkpoint(url: str, cache_dir: Path) -> Path:
-    """Fetch a checkpoint URL once into the cache; later runs reuse the file."""
+    """Fetch a checkpoint URL once into the cache (at most ``TRAINER_MAX_MODEL_BYTES``); later runs reuse the file.
+
+    The file appears only when complete; one that turns out not to be a Stable Diffusion checkpoint is removed again
+    (see :func:`forget_download`), so the cache keeps only usable models.
+    """
     from urllib.parse import urlsplit
 
-    from trainer.utils.download import download
+    from trainer.utils.download import download, redact_url
 
     name = Path(urlsplit(url).path).name or "model.safetensors"
     if Path(name).suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -167,8 +192,43 @@ def download_checkpoint(url: str, cache_dir: Path) -> Path:
     if target.is_file():
         logger.info("using cached checkpoint %s", target)
         return target
-    logger.info("downloading the base model to %s", target)
-    return download(url, target, progress=True)
+    logger.info("downloading the base model %s to %s", redact_url(url), target)
+    try:
+        return download(url, target, progress=True, max_bytes=max_model_bytes())
+    except BaseException:
+        forget_download(target)
+        raise
+
+
+def max_model_bytes() -> int:
+    """The largest checkpoint downloaded from a URL (``TRAINER_MAX_MODEL_BYTES``, default 16 GiB)."""
+    value = os.environ.get(ENV_MAX_MODEL_BYTES, "").strip()
+    try:
+        return int(float(value)) if value else DEFAULT_MAX_MODEL_BYTES
+    except ValueError:
+        raise ValueError(f"{ENV_MAX_MODEL_BYTES} must be a number of bytes, got {value!r}") from None
+
+
+#: A partial download untouched this long belongs to a process that is gone (live ones write continuously).
+STALE_PARTIAL_SECONDS = 600.0
+
+
+def sweep_downloads(cache_dir: Path) -> None:
+    """Remove partial checkpoint downloads that killed processes left in the cache (at start-up)."""
+    from trainer.utils.atomic import sweep_partials
+
+    removed = sweep_partials(Path(cache_dir) / "downloads", older_than=STALE_PARTIAL_SECONDS)
+    if removed:
+        logger.info("removed %d partial download(s) from %s", removed, Path(cache_dir) / "downloads")
+
+
+def forget_download(target: Path) -> None:
+    """Remove a downloaded checkpoint and its cache folder (it failed to download or is not a checkpoint)."""
+    import shutil
+
+    folder = target.parent
+    if folder.parent.name == "downloads":
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------------- version checks
@@ -242,8 +302,13 @@ def load_models(source: ModelSource, *, dtype: torch.dtype = torch.float32, cach
     common: dict[str, Any] = {"dtype": dtype}
 
     if kind == "url":
-        location = str(download_checkpoint(location, cache_dir))
-        kind = "single_file"
+        downloaded = download_checkpoint(location, cache_dir)
+        try:
+            version_of_single_file(downloaded)
+        except ValueError:
+            forget_download(downloaded)  # not a model: nothing of it stays in the cache
+            raise
+        location, kind = str(downloaded), "single_file"
     if kind == "tiny":
         location = str(tiny_model_dir(location, cache_dir))
         kind = "diffusers_dir"

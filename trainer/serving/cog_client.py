@@ -260,6 +260,11 @@ class FileServer:
     def url(self, relative: str | Path) -> str:
         return f"{self.base_url}/{quote(Path(relative).as_posix())}"
 
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>``: what a server's ``TRAINER_ALLOW_PRIVATE_HOSTS`` names to fetch from this one only."""
+        return self.base_url.removeprefix("http://")
+
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 from trainer.serving.cog_client import CogServer, CogServerError, FileServer, save_output
+from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".txt"}
@@ -174,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         with FileServer(out) as files:
-            with servers.start("train") as server:
+            # The images are served on loopback, which the server refuses unless its operator allows this address.
+            allow = {ENV_ALLOW_PRIVATE_HOSTS: files.address}
+            with servers.start("train", allow) as server:
                 _say(f"POST /trainings on {server.base_url} ({args.steps} steps) ...")
                 job = server.train(training_inputs(args, files.url("training_images.zip")),
                                    job_id=f"smoke-{uuid.uuid4().hex[:8]}", timeout=args.timeout)
@@ -187,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                 archive.extractall(out / "lora")
             _say(f"trained in {time.perf_counter() - started:.0f}s: {weights} ({len(members)} files)")
 
-            with servers.start("predict", {"COG_WEIGHTS": files.url("lora.zip")}) as server:
+            with servers.start("predict", {**allow, "COG_WEIGHTS": files.url("lora.zip")}) as server:
                 _say(f"POST /predictions on {server.base_url}: {args.prompt!r} ...")
                 prediction = server.predict(prediction_inputs(args), timeout=args.timeout)
             if prediction.get("status") != "succeeded":

@@ -14,6 +14,8 @@ its disk.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -22,26 +24,29 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT, check_request
 from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, unwrap_inputs, work_root
+from trainer.utils.atomic import is_disk_full
+from trainer.utils.download import redact_text, stop_downloads_on
 from trainer.utils.s3 import S3Uri
 
 logger = logging.getLogger(__name__)
 
 ENV_KEEP_OUTPUTS = "TRAINER_KEEP_OUTPUTS"
+#: Where decoded data: uploads wait for their job (under the work folder).
+UPLOADS_DIR = "uploads"
+#: A pasted training_args.json is a few KiB; the text of the input is refused far beyond that.
+MAX_TRAINING_ARGS_CHARS = 256 * 1024
 
 #: Inputs of ``train()`` that are not config keys.
 SERVICE_INPUTS = ("training_args", "output_uri", "input_images")
 #: Config keys the service sets itself; pasted ``training_args.json`` files carry them, so they are ignored.
 SERVICE_OWNED = ("output_dir", "start_time", "job_time")
-#: Config keys that would let a remote caller read or write the server's files.
-LOCAL_ONLY = {
-    "resume_from": "resuming reads a run folder on the server",
-    "model_cache_dir": "the model cache is the server's (TRAINER_MODEL_CACHE)",
-}
 
 
 # ============================================================================================== input values
@@ -57,6 +62,9 @@ def parse_training_args(value: Any) -> dict[str, Any]:
         return dict(value)
     if not isinstance(value, str):
         raise ValueError(f"training_args must be a JSON object as text, got {type(value).__name__}")
+    if len(value) > MAX_TRAINING_ARGS_CHARS:
+        raise ValueError(f"training_args is {len(value)} characters, more than the limit of "
+                         f"{MAX_TRAINING_ARGS_CHARS}; a training_args.json is a few KiB")
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as error:
@@ -64,6 +72,8 @@ def parse_training_args(value: Any) -> dict[str, Any]:
             f"training_args is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); give an "
             'object such as {"unet_lr": 0.0005, "lora_rank": 8}'
         ) from None
+    except RecursionError:
+        raise ValueError("training_args is nested too deeply to read; give a flat JSON object of settings") from None
     if not isinstance(parsed, dict):
         raise ValueError(f'training_args must be a JSON object such as {{"lora_rank": 8}}, got a JSON '
                          f"{type(parsed).__name__}")
@@ -77,6 +87,10 @@ class TrainingRequest:
     """The validated :class:`~trainer.config.TrainingConfig`."""
     allow_local_sources: bool
     destination: S3Uri | None = None
+    local_paths: bool = False
+    """Whether the config may name model files and folders on the server (the operator's switch)."""
+    uploads: list[Path] = field(default_factory=list)
+    """Files decoded from the request (``data:`` uploads), removed when the job ends."""
 
 
 def merge_inputs(inputs: Mapping[str, Any], defaults: Mapping[str, Any], training_args: Mapping[str, Any]
@@ -138,35 +152,27 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
     inputs = unwrap_inputs(inputs)
     allow_local = env_flag(ENV_ALLOW_LOCAL)
     training_args = parse_training_args(inputs.get("training_args"))
-    if not allow_local:
-        refused = [f"{key} ({why})" for key, why in LOCAL_ONLY.items() if not _blank(training_args.get(key))]
-        if refused:
-            raise ValueError("training_args may not set " + "; ".join(refused))
     data = merge_inputs(inputs, defaults, training_args)
+    check_request(data, allow_local=allow_local, allow_s3_endpoint=env_flag(ENV_ALLOW_REQUEST_S3_ENDPOINT))
 
-    uploaded = []
+    uploaded: list[str] = []
+    local_upload = False
     input_images = inputs.get("input_images")
     if not _blank(input_images):
-        if hasattr(input_images, "convert"):  # a cog URLPath whose download was deferred
-            input_images = input_images.convert()
-        if isinstance(input_images, str) and "://" in input_images:
-            raise ValueError("input_images is an uploaded file; give URLs in lora_training_urls instead")
-        path = Path(str(input_images))
-        if not path.is_file():
-            raise ValueError(f"input_images: the uploaded file {path.name!r} is missing on the server")
-        uploaded.append(path)
+        source, local_upload = _uploaded_source(input_images, allow_local)
+        uploaded.append(source)
     urls = data.get("lora_training_urls")
     if _blank(urls) or (isinstance(urls, list) and not urls):
         if not uploaded:
             raise ValueError("no training images: give lora_training_urls (image or archive URLs, s3:// URIs) or "
                              "upload a zip as input_images")
-        data["lora_training_urls"] = [str(p) for p in uploaded]
+        data["lora_training_urls"] = uploaded
     else:
         _check_sources(urls, allow_local)
         if uploaded:
             from trainer.data.ingest.sources import split_sources
 
-            data["lora_training_urls"] = [*split_sources(urls), *(str(p) for p in uploaded)]
+            data["lora_training_urls"] = [*split_sources(urls), *uploaded]
 
     if _blank(data.get("concept_mode")):
         raise ValueError("concept_mode is required: face, style or object")
@@ -177,7 +183,8 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
 
     # Cheap checks of what would otherwise fail only after the data is prepared.
     select_device(config.device)
-    resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, model_cache_dir())
+    resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, model_cache_dir(),
+                   local_paths=allow_local)
 
     destination = None
     output_uri = inputs.get("output_uri")
@@ -187,8 +194,56 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
 
         check_bucket(s3_client(config.s3_endpoint_url, connect_timeout=5.0, read_timeout=15.0, retries=1),
                      destination, "output_uri")
-    # Sources that are local files only because cog downloaded an upload are admitted; others were checked above.
-    return TrainingRequest(config=config, allow_local_sources=allow_local or bool(uploaded), destination=destination)
+    # A source that is a local file only because cog decoded an upload is admitted; others were checked above.
+    return TrainingRequest(config=config, allow_local_sources=allow_local or local_upload, destination=destination,
+                           local_paths=allow_local,
+                           uploads=[Path(source) for source in uploaded if UPLOADS_DIR in Path(source).parts])
+
+
+def _uploaded_source(value: Any, allow_local: bool) -> tuple[str, bool]:
+    """The ``input_images`` upload as a training source, and whether it is a file written on this server.
+
+    An http(s) URL becomes a source, fetched by this project's client (address checks, size caps, deadline); a
+    ``data:`` URL is decoded here, within the download size cap. (A cog ``URLPath``, from a direct call, is read the
+    same way through its URL.) A plain path names a file on the server: refused, like every local path in a request,
+    unless the operator allows local sources.
+    """
+    text = str(getattr(value, "source", None) or value).strip()
+    if text.lower().startswith(("http://", "https://")):
+        return text, False
+    if text.lower().startswith("data:"):
+        return str(_decode_data_url(text)), True
+    if "://" in text:
+        raise ValueError("input_images must be an http(s) URL or a data: URL of a zip or tar archive")
+    if not allow_local:
+        raise ValueError("input_images names a path on the server, which requests may not read; upload the file or "
+                         f"give its http(s) URL (the operator can allow local paths with {ENV_ALLOW_LOCAL}=1)")
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"input_images: the file {path.name!r} is missing on the server")
+    return str(path), True
+
+
+def _decode_data_url(text: str) -> Path:
+    """A ``data:`` upload written to the work folder's ``uploads/`` (the job removes it when it ends)."""
+    from trainer.data.limits import DataLimits
+
+    header, comma, payload = text.partition(",")
+    limit = DataLimits().max_download_bytes
+    if not comma:
+        raise ValueError("input_images: a data: URL needs a comma before its data")
+    if len(payload) > limit * 4 // 3 + 4:
+        raise ValueError(f"input_images: the uploaded file is over the limit of {limit >> 20} MiB")
+    try:
+        data = (base64.b64decode("".join(payload.split()), validate=True) if header.lower().endswith(";base64")
+                else unquote_to_bytes(payload))
+    except (ValueError, binascii.Error):
+        raise ValueError("input_images: the data: URL is not valid base64") from None
+    folder = work_root() / UPLOADS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{secrets.token_hex(8)}-input_images"
+    path.write_bytes(data)
+    return path
 
 
 def object_key(destination: S3Uri, file_name: str) -> S3Uri:
@@ -254,6 +309,9 @@ class TrainingJob:
             # Also covers a cancellation that raced a finished job: its zip and upload must go too.
             _retrying(self.discard)
             raise
+        finally:
+            for upload in self.request.uploads:
+                upload.unlink(missing_ok=True)
 
     def _work(self) -> Path:
         from trainer.loop import TrainingCancelled, train
@@ -262,9 +320,11 @@ class TrainingJob:
         try:
             logger.info("training %s (%s, %s steps) in %s", config.name, config.concept_mode, config.max_train_steps,
                         self.job_dir)
-            result = train(config, run_dir=self.job_dir / "run", should_stop=self.stop.is_set,
-                           on_progress=lambda event: logger.info("%s", progress_line(event)),
-                           allow_local_sources=self.request.allow_local_sources)
+            with stop_downloads_on(self.stop):
+                result = train(config, run_dir=self.job_dir / "run", should_stop=self.stop.is_set,
+                               on_progress=lambda event: logger.info("%s", progress_line(event)),
+                               allow_local_sources=self.request.allow_local_sources,
+                               local_paths=self.request.local_paths)
             if self.stop.is_set() or result.zip_path is None:
                 raise TrainingCancelled("training was cancelled after its last step")
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -288,12 +348,14 @@ class TrainingJob:
 
         target = object_key(self.request.destination, self.zip_path.name)
         self._client = s3_client(self.request.config.s3_endpoint_url)
+        # Recorded before the first byte goes out: a PUT can complete on the server after the cancellation reached
+        # us, and the clean-up must then know the key to delete.
+        self.uploaded = target
         logger.info("uploading %s to %s", self.zip_path.name, target)
         try:
             upload_file(self._client, self.zip_path, target, should_stop=self.stop.is_set)
         except UploadCancelled:
             raise TrainingCancelled("training was cancelled during the upload") from None
-        self.uploaded = target
         logger.info("uploaded %s", target)
 
     # ----------------------------------------------------------------------------------------- clean-up
@@ -310,12 +372,19 @@ class TrainingJob:
             self.uploaded = None
 
     def _prune(self) -> None:
-        """Remove stale run folders and all but the newest outputs of earlier jobs."""
+        """Remove stale run folders, all but the newest outputs of earlier jobs, and partial downloads."""
+        from trainer.models.loading import model_cache_dir, sweep_downloads
+
+        sweep_downloads(model_cache_dir())
         for folder in sorted((self.root / "jobs").glob("*")):
             shutil.rmtree(folder, ignore_errors=True)
         outputs = sorted((self.root / "outputs").glob("*"))
         for folder in outputs[: max(0, len(outputs) - (_keep_outputs() - 1))]:
             shutil.rmtree(folder, ignore_errors=True)
+        current = {str(upload) for upload in self.request.uploads}
+        for upload in (self.root / UPLOADS_DIR).glob("*"):
+            if str(upload) not in current:
+                upload.unlink(missing_ok=True)
 
 
 def _retrying(action: Callable[[], None], attempts: int = 3) -> None:
@@ -333,5 +402,16 @@ def run_training_job(inputs: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     from trainer.utils.logs import setup_logging
 
     setup_logging()
-    request = parse_training_request(inputs, defaults)
-    return TrainingJob(request).run()
+    try:
+        request = parse_training_request(inputs, defaults)
+        return TrainingJob(request).run()
+    except Exception as error:
+        if is_disk_full(error):
+            where = getattr(error, "filename", None) or work_root()
+            raise ValueError(f"the disk is full: could not write {where} (free space in {work_root()})") from None
+        # cog shows the message as the job's error (and logs it): an input quoted in it may carry secrets.
+        message = str(error)
+        cleaned = redact_text(message)
+        if cleaned == message:
+            raise
+        raise ValueError(cleaned) from None

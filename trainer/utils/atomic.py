@@ -7,13 +7,31 @@ atomic, so readers see either the old state or the complete new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 TMP_MARK = ".partial-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class WriteError(ValueError):
+    """A file that could not be written (disk full, no permission); the message names the file."""
+
+
+def write_error(error: OSError, path: Path | str) -> WriteError:
+    """A :class:`WriteError` naming ``path`` for an ``OSError`` raised while writing it."""
+    if error.errno in _DISK_FULL:
+        return WriteError(f"the disk is full: could not write {path} (free space in {Path(path).parent})")
+    return WriteError(f"could not write {path}: {error.strerror or type(error).__name__}")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,6 +96,41 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def sweep_partials(root: Path, *, older_than: float = 0.0, depth: int = 3) -> int:
+    """Remove ``.partial-*`` leftovers of killed processes anywhere ``depth`` levels below ``root``; returns how many.
+
+    ``older_than`` (seconds) spares partial files another live process may still be writing (a cache shared by
+    several processes); a file being written has a fresh modification time.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    now = time.time()
+    folders = [(root, 0)]
+    while folders:
+        folder, level = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(TMP_MARK):
+                try:
+                    if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    continue
+            elif level + 1 < depth and entry.is_dir(follow_symlinks=False):
+                folders.append((Path(entry.path), level + 1))
+    return removed
 
 
 def remove_partials(folder: Path) -> None:

@@ -18,6 +18,7 @@ from trainer.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
+_ERROR_CODE = re.compile(r"An error occurred \((\w+)\)")
 #: S3's bucket naming rules (the strict, virtual-host-safe form every provider accepts).
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -89,18 +90,31 @@ def describe_error(error: BaseException, where: str) -> str:
                 "(or AWS_PROFILE) in the server's environment")
     if isinstance(error, EndpointConnectionError):
         return f"{where}: could not connect to the S3 endpoint; check AWS_ENDPOINT_URL_S3 and the network"
+    status = None
     if isinstance(error, ClientError):
         response = error.response or {}
         code = str(response.get("Error", {}).get("Code", ""))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
-            return f"{where}: not found (check the bucket name, the key and the endpoint)"
-        if code in ("AccessDenied", "403", "Forbidden") or status == 403:
-            return f"{where}: access denied; check that the credentials may read or write it"
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
-            return f"{where}: S3 refused the credentials ({code})"
-        return f"{where}: S3 answered {code or 'an error'} (HTTP {status})"
-    return f"{where}: S3 request failed ({type(error).__name__})"
+    else:
+        # boto3's transfer manager reports a refused upload as S3UploadFailedError, often with no cause attached:
+        # only its text ("An error occurred (AccessDenied) when calling the PutObject operation") holds the code.
+        found = _ERROR_CODE.search(str(error))
+        if found is None:
+            return f"{where}: S3 request failed ({type(error).__name__})"
+        code = found.group(1)
+    if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
+        return f"{where}: not found (check the bucket name, the key and the endpoint)"
+    if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
+        bucket = _bucket_of(where)
+        return f"{where}: access denied; check that the server's credentials may read or write bucket {bucket}"
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+        return f"{where}: S3 refused the credentials ({code})"
+    return f"{where}: S3 answered {code or 'an error'}" + (f" (HTTP {status})" if status else "")
+
+
+def _bucket_of(where: str) -> str:
+    found = re.search(r"s3://([^/\s]+)", where)
+    return found.group(1) if found else "(see above)"
 
 
 def check_bucket(client, uri: S3Uri, what: str) -> None:

@@ -18,6 +18,8 @@ class ByteBudget:
     def __init__(self, limits: DataLimits) -> None:
         self.limit = limits.max_total_bytes
         self.used = 0
+        self.max_files = limits.max_total_files
+        self.files = 0
 
     @property
     def left(self) -> int:
@@ -34,6 +36,15 @@ class ByteBudget:
     def add(self, n: int, item: str) -> None:
         self.check(n, item)
         self.used += n
+
+    def add_file(self, item: str) -> None:
+        """Count one more file created (empty ones too: a file costs an inode and a log line whatever its size)."""
+        self.files += 1
+        if self.files > self.max_files:
+            raise DataError(
+                f"{item}: more than {self.max_files} files in total from all sources and archives; use fewer files "
+                "(nested archives count too)"
+            )
 
 
 def copy_capped(src: BinaryIO, target: Path, *, budget: ByteBudget, item: str, max_bytes: int,

@@ -26,5 +26,6 @@ def fetch_http(ref: SourceRef, folder: Path, limits: DataLimits, budget: ByteBud
         )
     except DownloadError as error:
         raise SourceError(f"training source {error}") from None
+    budget.add_file(ref.label)
     budget.add(result.path.stat().st_size, ref.label)
     return result.path

@@ -15,6 +15,7 @@ from pathlib import Path
 from trainer.data.errors import DataError, SourceError
 from trainer.data.ingest.budget import ByteBudget, copy_capped
 from trainer.data.ingest.safety import (
+    NameTable,
     UnsafePath,
     printable,
     resolve_inside,
@@ -206,17 +207,22 @@ class S3Fetcher:
                 f"{human_size(self.budget.left)} left for the training data"
             )
         folder.mkdir(parents=True, exist_ok=True)
+        names = NameTable()
         for key, _size in keys:
             relative_name = key[len(location.key):]
             item = f"s3://{location.bucket}/{printable(key)}"
             try:
-                relative = safe_relative_path(relative_name)
+                relative = names.claim(safe_relative_path(relative_name))
+                if relative is None:
+                    self.report.skip(item, "its folder clashes with an object of the same name", group=label)
+                    continue
                 target = resolve_inside(folder, relative)
             except UnsafePath as error:
-                self.report.skip(item, f"unsafe object name ({error})")
+                self.report.skip(item, f"unsafe object name ({error})", group=label)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._download(S3Location(location.bucket, key), key, unique_path(target), item)
+            self._download(S3Location(location.bucket, key), key, target, item)
+        self.report.end_group(label)
         return folder
 
     def _download(self, location: S3Location, key: str, target: Path, label: str) -> Path:
@@ -225,6 +231,7 @@ class S3Fetcher:
         from botocore.exceptions import BotoCoreError
         from urllib3.exceptions import HTTPError
 
+        self.budget.add_file(label)
         response = self._call(label, "get_object", Bucket=location.bucket, Key=key)
         body = response["Body"]
         try:

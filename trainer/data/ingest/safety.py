@@ -106,3 +106,32 @@ def unique_path(path: Path) -> Path:
         if not candidate.exists():
             return candidate
     raise DataError(f"too many files named {path.name}")
+
+
+class NameTable:
+    """The relative paths written into one new folder, so that duplicates get ``name~2.ext`` in constant time per
+    name (a thousand members named alike cost a thousand steps, not half a million) and a file never lands on a
+    folder, or inside a file, of the same name."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.folders: set[str] = set()
+        self.next_suffix: dict[str, int] = {}
+
+    def claim(self, relative: PurePosixPath) -> PurePosixPath | None:
+        parents = [p.as_posix() for p in reversed(relative.parents) if p.as_posix() != "."]
+        if any(p in self.files for p in parents):
+            return None
+        name = relative.as_posix()
+        if name in self.files or name in self.folders:
+            stem, suffix = relative.stem, relative.suffix
+            n = self.next_suffix.get(name, 2)
+            candidate = relative.with_name(f"{stem}~{n}{suffix}")
+            while candidate.as_posix() in self.files or candidate.as_posix() in self.folders:
+                n += 1
+                candidate = relative.with_name(f"{stem}~{n}{suffix}")
+            self.next_suffix[name] = n + 1
+            relative, name = candidate, candidate.as_posix()
+        self.files.add(name)
+        self.folders.update(parents)
+        return relative
