@@ -136,6 +136,23 @@ def write_eden_output(session, folder: Path, *, name: str = "eden concept", dtyp
     return folder
 
 
+def write_diffusers_lora(session, folder: Path) -> Path:
+    """``pytorch_lora_weights.safetensors``, diffusers' own file, which older Eden checkpoints kept: the UNet and
+    text-encoder layers of ``session`` through ``save_lora_weights`` (Eden's chain before its kohya conversion)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    models = session.models
+    pipeline_cls = StableDiffusionXLPipeline if models.version == "sdxl" else StableDiffusionPipeline
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(_scaled_peft_state(models.unet))}
+    if session.te_lora:
+        arguments = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
+        for argument, encoder in zip(arguments, models.text_encoders, strict=False):
+            layers[argument] = convert_state_dict_to_diffusers(_with_text_model(_scaled_peft_state(encoder)))
+    pipeline_cls.save_lora_weights(str(folder), **layers)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
 def eden_tar(folder: Path, out_dir: Path, name: str = "eden concept", stamp: int = 1718000000) -> Path:
     """``predict.py``'s tar: the checkpoint folder's files at the top, its README and ComfyUI workflows."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 import zipfile
@@ -230,3 +231,113 @@ def test_edens_lora_file_and_family_are_found_by_its_rules(tmp_path):
     with pytest.raises(ValueError, match=r"several LoRA files, \['y_sdxl.safetensors', 'z_sdxl.safetensors'\]"):
         LoraBundle.open(tmp_path)
 
+
+# ------------------------------------------------------------------------ what Eden's files say is checked too
+def _copy_eden(eden_outputs, target):
+    shutil.copytree(eden_outputs["folder"], target)
+    return target
+
+
+def _edit_safetensors(path, change):
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _eden_lora_variant(kind):
+    def change(tensors):
+        key = next(k for k in sorted(tensors)
+                   if k.startswith("lora_unet_down_blocks") and k.endswith(".lora_down.weight"))
+        module = key[: -len(".lora_down.weight")]
+        if kind == "shape":
+            tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+        elif kind == "nan":
+            tensors[f"{module}.lora_up.weight"] = torch.full_like(tensors[f"{module}.lora_up.weight"], float("inf"))
+        elif kind == "unknown":  # a diffusers block name this UNet does not have
+            for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+                tensors[f"lora_unet_down_blocks_9_attentions_0_proj_in{suffix}"] = tensors[module + suffix].clone()
+    return change
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("shape", r"this LoRA does not match the base model: lora_unet_down_blocks_\w+\.lora_down\.weight has shape "
+              r".*; the layer takes"),
+    ("nan", r"this LoRA does not match the base model: lora_unet_down_blocks_\w+\.lora_up\.weight holds NaN or "
+            r"infinite values"),
+    ("unknown", r"this LoRA does not match the base model: lora_unet_down_blocks_9_attentions_0_proj_in names no "
+                r"layer of this sdxl model"),
+])
+def test_edens_diffusers_named_lora_that_does_not_fit_is_refused_by_name(generator, eden_sdxl, tmp_path, kind,
+                                                                         message):
+    folder = _copy_eden(eden_sdxl, tmp_path / "eden")
+    _edit_safetensors(folder / "eden_concept_sdxl.safetensors", _eden_lora_variant(kind))
+    bundle = LoraBundle.open(folder, local_paths=False)
+    with pytest.raises(ValueError, match=message):
+        generator.activate(bundle)
+    assert generator.active is None and "<s0>" not in generator.pipeline.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("training_args.json", "[1, 2]", "training_args.json must hold a JSON object, got a JSON list"),
+    ("training_args.json", "[" * 100_000 + "]" * 100_000, "training_args.json is nested too deeply to read"),
+    ("special_params.json", json.dumps({"TOK": "x" * 100_000}), r"maps 'TOK' to 'xxx.*\(100000 characters\)', not "
+                                                                 r"to the bundle's tokens \('<s0><s1>'\)"),
+    ("special_params.json", json.dumps({"TOK": "<s0><s1><s0><s1>"}), "not to the bundle's tokens"),
+])
+def test_edens_json_files_are_read_by_the_bundle_rules(eden_sdxl, tmp_path, name, text, message):
+    folder = _copy_eden(eden_sdxl, tmp_path / "eden")
+    (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        LoraBundle.open(folder)
+
+
+def test_edens_embedding_rows_are_capped_as_tokens(eden_sdxl, tmp_path):
+    """Eden's layout adds one token per embedding row: a file of 17 rows would add more tokens than any run trains."""
+    from trainer.config.schema import MAX_TOKENS
+
+    folder = _copy_eden(eden_sdxl, tmp_path / "eden")
+    _edit_safetensors(folder / "eden_concept_embeddings.safetensors",
+                      lambda t: t.update({k: torch.zeros(MAX_TOKENS + 1, v.shape[1]) for k, v in t.items()}))
+    with pytest.raises(ValueError, match=rf"holds {MAX_TOKENS + 1} token vectors per text encoder, more than the "
+                                         rf"limit of {MAX_TOKENS}"):
+        LoraBundle.open(folder)
+    (folder / "eden_concept_embeddings.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"eden_concept_embeddings\.safetensors is not a readable \.safetensors file"):
+        LoraBundle.open(folder)
+
+
+def test_edens_diffusers_lora_file_gives_the_images_of_ours_and_is_checked(generator, trained_sdxl, eden_sdxl,
+                                                                           tmp_path):
+    """An older Eden checkpoint kept diffusers' own file: read as it is, after the same fit checks."""
+    folder = _copy_eden(eden_sdxl, tmp_path / "eden")
+    (folder / "eden_concept_sdxl.safetensors").unlink()
+    lora = eden.write_diffusers_lora(trained_sdxl["session"], folder)
+    bundle = LoraBundle.open(folder, local_paths=False)
+    assert bundle.layout == "eden" and bundle.lora == lora
+    ours = LoraBundle.open(trained_sdxl["result"].zip_path, tmp_path / "ours")
+    generator.activate(ours)
+    from_ours = _pixels(generator.generate(_request()))
+    generator.activate(bundle)
+    np.testing.assert_allclose(_pixels(generator.generate(_request())), from_ours, atol=1.0)
+    generator.deactivate()
+
+    keys = sorted(load_file(str(lora)))
+    down = next(k for k in keys if k.startswith("unet.") and k.endswith("down.weight"))
+    text_down = next(k for k in keys if k.startswith("text_encoder_2.") and k.endswith("down.weight"))
+    for change, message in (
+        (lambda t: t.update({down: torch.zeros(t[down].shape[0], t[down].shape[1] + 1)}),
+         rf"{re.escape(down)} has shape .*; the layer takes"),
+        (lambda t: t.update({text_down: torch.full_like(t[text_down], float("nan"))}),
+         rf"{re.escape(text_down)} holds NaN or infinite values"),
+        (lambda t: t.update({"unet.down_blocks.9.attentions.0.proj_in.lora.down.weight": t[down].clone()}),
+         r"unet.down_blocks.9.attentions.0.proj_in names no layer of this sdxl model"),
+        (lambda t: t.pop(down.replace("down.weight", "up.weight")), r"needs a down and an up matrix of one rank"),
+    ):
+        lora.unlink()
+        eden.write_diffusers_lora(trained_sdxl["session"], folder)
+        _edit_safetensors(lora, change)
+        with pytest.raises(ValueError, match=f"this LoRA does not match the base model: .*{message}"):
+            generator.activate(LoraBundle.open(folder, local_paths=False))
+        assert generator.active is None

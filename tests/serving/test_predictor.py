@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import io
 import json
+import logging
+import re
 import shutil
+import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,3 +345,102 @@ def test_a_bundle_may_not_choose_a_local_model_or_an_internal_url(base_predictor
     finally:
         internal.close()
 
+
+# ------------------------------------------------------------------------------------- hostile Eden bundles
+def _eden_members(served_eden) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(served_eden["folder"].iterdir()) if p.is_file()}
+
+
+def _serve_tar(served_loras, name: str, members: dict[str, bytes], compression: str = "") -> str:
+    """Eden's tar layout (files at the top), written member by member so that any name can be given."""
+    with tarfile.open(served_loras.folder / name, f"w:{compression}") as tar:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return served_loras.url(name)
+
+
+def _refused(predictor, url: str) -> str:
+    """The message of a refused LoRA URL, after checking that nothing of it stays in the LoRA cache."""
+    with pytest.raises(ValueError) as caught:
+        predictor.run(prompt="TOK", lora_url=url, **SMALL)
+    root = predictor.service.store.root
+    assert not (root / "urls" / remote._digest(url)).exists()
+    assert not [p for p in root.rglob("*") if ".partial-" in p.name], "a partial unpack stayed in the cache"
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(("case", "pattern"), [
+    # Our zip names the bomb member (its declared ratio); a streamed tar is stopped as a whole while it inflates.
+    ("bomb", r"^LoRA location http://[\d.:]+/eden-bomb\.(zip|tar\.gz) \(eden-bomb\.(zip|tar\.gz)\): "
+             r"(samples/zeros\.bmp \(in weights\.zip\)|weights\.zip): unpacks to [\d.]+ MiB (or more )?from "
+             r"[\d.]+ KiB, over 20 times its packed size \(a (zip|tar) bomb\); the archive is refused$"),
+    ("many", r"^LoRA location http://[\d.:]+/eden-many\.(zip|tar) \(eden-many\.(zip|tar)\): weights\.zip: "
+             r"(\d+ entries, )?more than the limit of 2000 entries per archive; split it into smaller archives$"),
+])
+def test_an_eden_tar_is_refused_like_a_zip_and_leaves_nothing_cached(base_predictor, served_loras, served_eden,
+                                                                     case, pattern):
+    """Eden's .tar (plain, or recompressed as .tar.gz) goes through the bundle limits of our zip: the same refusal,
+    the same clean cache."""
+    members = _eden_members(served_eden)
+    if case == "bomb":
+        members["samples/zeros.bmp"] = bytes(40 << 20)
+        urls = {"zip": _serve_variant(served_loras, "eden-bomb.zip", members),
+                "tar": _serve_tar(served_loras, "eden-bomb.tar.gz", members, "gz")}
+    else:
+        members.update({f"pad/{i}.txt": b"" for i in range(2001)})
+        urls = {"zip": _serve_variant(served_loras, "eden-many.zip", members),
+                "tar": _serve_tar(served_loras, "eden-many.tar", members)}
+    messages = {form: _refused(base_predictor, url) for form, url in urls.items()}
+    for form, message in messages.items():
+        assert re.match(pattern, message), (form, message)
+    assert ("zip bomb" in messages["zip"] and "tar bomb" in messages["tar"]) if case == "bomb" else True
+
+
+def test_an_eden_tar_with_climbing_names_and_links_is_unpacked_like_a_zip(base_predictor, served_loras, served_eden,
+                                                                          tmp_path, caplog):
+    """Names that climb out, absolute names and links are skipped with the zip's warnings; nothing lands outside
+    the bundle's folder, and the rest of the bundle works."""
+    members = {**_eden_members(served_eden), "../escape.txt": b"x", "/tmp/absolute-m9.txt": b"x",
+               "a/../../climb.txt": b"x"}
+    skips = {}
+    for form, url in (("zip", _serve_variant(served_loras, "eden-climb.zip", members)),
+                      ("tar", _serve_tar(served_loras, "eden-climb.tar", members))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert base_predictor.run(prompt="a photo of TOK", lora_url=url, **SMALL)
+        bundle = base_predictor.service.generator.active
+        assert bundle.layout == "eden" and bundle.lora is not None
+        root = base_predictor.service.store.root
+        assert not [p for p in root.parent.rglob("*") if p.name in ("escape.txt", "absolute-m9.txt", "climb.txt")]
+        skips[form] = sorted(r.getMessage() for r in caplog.records if "unsafe path in archive" in r.getMessage())
+    assert len(skips["zip"]) == 3 and skips["zip"] == skips["tar"], skips
+    assert not Path("/tmp/absolute-m9.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["ckpt_path", "pretrained_model"])
+def test_an_eden_bundle_may_not_choose_a_local_model_or_an_internal_url(base_predictor, served_loras, served_eden,
+                                                                        tmp_path, where):
+    """Eden's training_args.json names its base model by the same keys as ours, and is as untrusted: in a .tar too,
+    a server path is refused without a look at the disk, an internal URL without a connection."""
+    from tests.utils.conftest import ScriptedServer
+
+    internal = ScriptedServer()
+    try:
+        members = _eden_members(served_eden)
+        args = json.loads(members["training_args.json"])
+        for index, location in enumerate((str(tmp_path), internal.url("/model.safetensors"),
+                                          internal.url("/m.safetensors", host="2130706433"))):
+            if where == "ckpt_path":
+                changed = {**args, "ckpt_path": location}
+            else:
+                changed = {**args, "ckpt_path": None, "pretrained_model": {"url": location, "path": location,
+                                                                           "version": "sdxl"}}
+            url = _serve_tar(served_loras, f"eden-base-{where}-{index}.tar",
+                             {**members, "training_args.json": json.dumps(changed).encode()})
+            with pytest.raises(ValueError, match=r"(local paths are not accepted here|is a loopback address)"):
+                base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+        assert internal.connections == 0
+    finally:
+        internal.close()

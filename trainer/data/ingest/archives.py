@@ -136,6 +136,11 @@ def _write_member(source, target: Path, item: str, size: int, ctx: ExtractContex
         raise
 
 
+def _too_many_entries(limits: DataLimits) -> str:
+    """The entry-cap refusal, worded alike for zip and tar (the count of a streamed tar is "more than")."""
+    return f"more than the limit of {limits.max_archive_entries} entries per archive; split it into smaller archives"
+
+
 def _check_ratio(unpacked: int, packed: int, what: str, limits: DataLimits) -> None:
     if unpacked >= limits.ratio_check_min_bytes and unpacked / max(packed, 1) > limits.max_compression_ratio:
         raise ArchiveError(
@@ -161,8 +166,7 @@ def _check_end_record(path: Path, label: str, limits: DataLimits) -> None:
         return
     entries, size = record[zipfile._ECD_ENTRIES_TOTAL], record[zipfile._ECD_SIZE]
     if entries > limits.max_archive_entries:
-        raise ArchiveError(f"{label}: {entries} entries, more than the limit of {limits.max_archive_entries}; "
-                           "split the images into smaller archives")
+        raise ArchiveError(f"{label}: {entries} entries, {_too_many_entries(limits)}")
     if size > MAX_CENTRAL_DIRECTORY_BYTES:
         raise ArchiveError(f"{label}: its central directory is {human_size(size)}, more than the limit of "
                            f"{human_size(MAX_CENTRAL_DIRECTORY_BYTES)} (member names far too long)")
@@ -203,10 +207,7 @@ def _extract_zip(path: Path, dest: Path, label: str, ctx: ExtractContext, names:
         ) from None
     with archive:
         if len(infos) > limits.max_archive_entries:
-            raise ArchiveError(
-                f"{label}: {len(infos)} entries, more than the limit of {limits.max_archive_entries}; "
-                "split the images into smaller archives"
-            )
+            raise ArchiveError(f"{label}: {len(infos)} entries, {_too_many_entries(limits)}")
         if any(info.flag_bits & _ZIP_ENCRYPTED for info in infos):
             raise ArchiveError(
                 f"{label}: the zip is password-protected; unzip it and upload the images without a password"
@@ -300,21 +301,19 @@ def _extract_tar(path: Path, kind: str, dest: Path, label: str, ctx: ExtractCont
             for member in archive:
                 entries += 1
                 if entries > limits.max_archive_entries:
-                    raise ArchiveError(
-                        f"{label}: more than the limit of {limits.max_archive_entries} entries; split the images "
-                        "into smaller archives"
-                    )
+                    raise ArchiveError(f"{label}: {_too_many_entries(limits)}")
                 # Every member's data passes through the decompressor, extracted or not, so all count.
                 declared += max(member.size, 0)
                 if declared > start_left:
                     raise ArchiveError(
-                        f"{label}: unpacks to more than the {human_size(start_left)} left for the data "
-                        "(a tar bomb, or far too many files)"
+                        f"{label}: unpacks to more than {human_size(declared)}, over the limit of "
+                        f"{human_size(start_left)} left for the data (a tar bomb, or far too many files)"
                     )
                 if declared >= limits.ratio_check_min_bytes and declared / packed > limits.max_compression_ratio:
+                    # Worded as the zip's (_check_ratio): the same refusal whichever archive a bundle came in.
                     raise ArchiveError(
-                        f"{label}: unpacks to over {limits.max_compression_ratio:.0f} times its packed size "
-                        f"({human_size(declared)} from {human_size(packed)}), a tar bomb; the archive is refused"
+                        f"{label}: unpacks to {human_size(declared)} or more from {human_size(packed)}, over "
+                        f"{limits.max_compression_ratio:.0f} times its packed size (a tar bomb); the archive is refused"
                     )
                 _extract_tar_member(archive, member, dest, label, ctx, names)
         except DataError:
