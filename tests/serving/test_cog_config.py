@@ -131,3 +131,29 @@ def test_smoke_script_is_executable_and_documents_itself():
     assert os.access(script, os.X_OK)
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0 and "--tiny" in result.stdout
+
+
+@pytest.mark.parametrize("name", COG_FILES)
+def test_the_watermark_library_is_installed_without_its_opencv(name):
+    """invisible-watermark declares opencv-python (a second cv2 that needs libGL); the images install it --no-deps,
+    at the version requirements-nodeps.txt pins, beside everything it imports."""
+    pinned = pins(flatten(REPO_ROOT / "requirements-nodeps.txt"))["invisible-watermark"]
+    build = _load(name)["build"]
+    commands = [item["command"] if isinstance(item, dict) else item for item in build.get("run", [])]
+    install = [c for c in commands if "invisible-watermark" in c]
+    assert install and all(f"--no-deps invisible-watermark=={pinned}" in c for c in install), install
+    image = pins(flatten(REPO_ROOT / build["python_requirements"]))
+    # What imwatermark imports: numpy, PIL, pywt, cv2 (from the headless wheel), torch.
+    assert {"numpy", "pillow", "pywavelets", "opencv-python-headless", "torch"} <= set(image)
+    assert "opencv-python" not in image
+
+
+def test_the_watermark_library_imports_here():
+    """The development install (scripts/setup.sh) has it the same way, and its cv2 is the headless one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import imwatermark  # noqa: F401
+
+    assert version("invisible-watermark") == pins(flatten(REPO_ROOT / "requirements-nodeps.txt"))["invisible-watermark"]
+    with pytest.raises(PackageNotFoundError):
+        version("opencv-python")
