@@ -144,7 +144,8 @@ def test_transparent_parts_of_a_mask_are_kept(tmp_path):
         ((640, 480), 320, None, (320, 240)),  # one side given: the other keeps the aspect ratio
         ((640, 480), None, 240, (320, 240)),
         ((640, 480), 512, 512, (512, 512)),
-        ((30, 3000), None, None, (64, 2048)),
+        ((48, 32), None, None, (96, 64)),  # scaled up to the smallest side allowed
+        ((30, 3000), None, None, (64, 2048)),  # both bounds: the aspect ratio gives way
     ],
 )
 def test_output_size_follows_the_image(image, width, height, expected):

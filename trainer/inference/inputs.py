@@ -114,7 +114,8 @@ def open_mask(path: Path, image_size: tuple[int, int], name: str = "mask") -> Im
 def output_size(image_size: tuple[int, int], width: int | None, height: int | None, *, max_side: int,
                 min_side: int = 64, multiple: int = 8) -> tuple[int, int]:
     """The output size for a starting image: ``width``/``height`` where given (one of them keeps the aspect
-    ratio), else the image's size scaled down to ``max_side``; rounded to ``multiple``."""
+    ratio), else the image's size, scaled to fit ``min_side``..``max_side`` (the bounds of width and height) with
+    its aspect ratio where the bounds allow; rounded to ``multiple``."""
     image_w, image_h = image_size
     if width and height:
         return width, height
@@ -123,6 +124,8 @@ def output_size(image_size: tuple[int, int], width: int | None, height: int | No
     if height:
         return _fit(height * image_w / image_h, min_side, max_side, multiple), height
     scale = min(1.0, max_side / max(image_w, image_h))
+    if min(image_w, image_h) * scale < min_side:
+        scale = min_side / min(image_w, image_h)
     return (_fit(image_w * scale, min_side, max_side, multiple), _fit(image_h * scale, min_side, max_side, multiple))
 
 
