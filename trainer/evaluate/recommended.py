@@ -3,9 +3,9 @@
 ``evaluate_checkpoints`` puts ``evaluation/report.json`` into the zip. Its recommendation names a checkpoint and a
 scale; the zip holds the final checkpoint. When the two are the same checkpoint its scale is used; otherwise the
 report's own ranking of the final checkpoint's rows decides (the highest combined score among the scales whose
-outputs did not collapse, ties to the scale nearer 1). A zip is untrusted input: a report that is missing, too
-large, malformed or outside the predictor's ``lora_scale`` bounds gives no recommendation (and a warning), never an
-error.
+outputs did not collapse; ties to the scale nearer 1, then the lower). A zip is untrusted input: a report that is
+missing, too large, malformed or outside the predictor's ``lora_scale`` bounds gives no recommendation (and a
+warning), never an error.
 """
 
 from __future__ import annotations
@@ -54,5 +54,7 @@ def _scale_for(report: dict, delivered_step: int | None):
         logger.info("the evaluation report has no rows for the delivered checkpoint (step %s)", delivered_step)
         return None
     usable = [row for row in rows if not row.get("collapsed")] or rows
-    best = max(usable, key=lambda row: (float(row.get("combined") or 0.0), -abs(float(row["lora_scale"]) - 1.0)))
+    # The recommendation's own tie-break: the scale nearer 1, then the lower one.
+    best = min(usable, key=lambda row: (-float(row.get("combined") or 0.0), abs(float(row["lora_scale"]) - 1.0),
+                                        float(row["lora_scale"])))
     return best["lora_scale"]
