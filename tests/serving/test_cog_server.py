@@ -1,7 +1,8 @@
 """End to end through the real cog HTTP server (``python -m cog.server.http``), as a cog image serves the API.
 
 Train mode: sync training from images served over http, bad inputs, async training with webhooks and a cancel, S3
-input and upload against a real S3-compatible server. Predict mode: ``COG_WEIGHTS`` set to a trained zip's URL.
+input and upload against a real S3-compatible server. Predict mode: ``COG_WEIGHTS`` set to a trained zip's URL, and
+cog-sdxl's inputs (img2img, inpainting, refiner, safety checker) with their bad-input messages.
 """
 
 from __future__ import annotations
@@ -161,6 +162,78 @@ def test_prediction_server_with_cog_weights_url(trained, file_server, trained_sd
         assert bad["status"] == "failed"
         assert "width: must be a multiple of 8" in bad["error"] and "scheduler: Input should be" in bad["error"]
     assert "ready with the LoRA from" in (tmp_path / "server.log").read_text()
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_prediction_server_with_cog_sdxl_inputs(trained, file_server, trained_sd15, model_cache, s3_server,
+                                                tmp_path):
+    """cog-sdxl's inputs through the real server: img2img and inpainting from data URIs (how cog clients send an
+    uploaded file), the refiner, bad inputs with their messages, and a safety checker (tiny, built from config)
+    forced to flag: black images, reported in the response's metrics."""
+    import numpy as np
+
+    from trainer.models.tiny import build_tiny_safety_checker
+
+    build_tiny_safety_checker(tmp_path / "flagging-checker", flag_everything=True)
+    (file_server.folder / "sd15.zip").write_bytes(trained_sd15["result"].zip_path.read_bytes())
+    env = {**server_env(model_cache, tmp_path / "work", s3_server), "COG_WEIGHTS": file_server.url("served.zip"),
+           "TRAINER_SAFETY_CHECKER": str(tmp_path / "flagging-checker"), "TRAINER_SDXL_REFINER": "tiny-sdxl-refiner"}
+    start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (24, 16, 72, 48))
+    colour_mask = Image.new("RGB", (96, 64), (255, 0, 0))
+    base = {"prompt": "a photo of TOK", "num_inference_steps": 2, "seed": 5, "output_format": "png",
+            "disable_safety_checker": True}
+
+    def outputs(result) -> list[Image.Image]:
+        assert result["status"] == "succeeded", result.get("error")
+        return [Image.open(io.BytesIO(decode_data_url(url))).convert("RGB") for url in result["output"]]
+
+    with CogServer.start(mode="predict", ref="predict.py:Predictor", cwd=REPO_ROOT, env=env,
+                         log_path=tmp_path / "server.log") as server:
+        img2img = server.predict({**base, "image": _png_data_uri(start), "prompt_strength": 0.9})
+        assert [im.size for im in outputs(img2img)] == [(96, 64)]
+        assert img2img["metrics"]["nsfw_outputs"] == [] and img2img["metrics"]["total_inference_steps"] == 1
+
+        inpainted = server.predict({**base, "image": _png_data_uri(start), "mask": _png_data_uri(mask),
+                                    "prompt_strength": 1.0})
+        result = np.asarray(outputs(inpainted)[0], dtype=np.float32)
+        keep = np.asarray(mask) == 0
+        difference = np.abs(result - np.asarray(start, dtype=np.float32))
+        assert difference[keep].max() <= 1.0 and difference[~keep].mean() > 10.0
+
+        refined = server.predict({**base, "width": 64, "height": 64, "refine": "expert_ensemble_refiner",
+                                  "num_inference_steps": 4, "high_noise_frac": 0.5})
+        assert [im.size for im in outputs(refined)] == [(64, 64)]
+        assert refined["metrics"]["total_inference_steps"] == 4
+
+        flagged = server.predict({"prompt": "a photo of TOK", "width": 64, "height": 64, "num_outputs": 2,
+                                  "num_inference_steps": 2, "output_format": "png"})
+        assert [np.asarray(im).any() for im in outputs(flagged)] == [False, False], "black images, in place"
+        assert flagged["metrics"]["nsfw_outputs"] == [0, 1]
+        assert "output 1 of 2 was flagged by the safety checker" in flagged["logs"]
+
+        bad_inputs = [
+            ({"mask": _png_data_uri(mask)}, "mask: inpainting needs the image to repaint too; give image with the"),
+            ({"image": _png_data_uri(start), "mask": _png_data_uri(colour_mask)},
+             "mask: must be greyscale (white = repaint, black = keep), but it has colours"),
+            ({"image": _png_data_uri(start), "mask": _png_data_uri(mask.resize((48, 32)))},
+             "mask: 48×32 does not match the image's 96×64; give a mask of the same size"),
+            ({"image": "data:image/png;base64,bm90IGFuIGltYWdl"}, "image: not an image in a supported format"),
+            ({"image": "/etc/hostname"}, "image: local paths are not accepted here"),
+            ({"refine": "expert_ensemble_refiner", "lora_url": file_server.url("sd15.zip")},
+             "refine: expert_ensemble_refiner needs an SDXL base model, and this LoRA's is SD1.5"),
+            ({"refine": "sharpen"}, "refine: Input should be 'no_refiner', 'expert_ensemble_refiner' or"),
+        ]
+        for extra, message in bad_inputs:
+            bad = server.predict({**base, **extra})
+            assert bad["status"] == "failed", extra
+            assert message in bad["error"] and "Traceback" not in bad["error"], bad["error"]
 
 
 def test_the_smoke_script_runs_the_main_job_offline(model_cache, tmp_path):
