@@ -248,3 +248,49 @@ def test_the_smoke_script_runs_the_main_job_offline(model_cache, tmp_path):
     assert (out / "lora" / "cog_test_lora.safetensors").is_file()
     assert (out / "lora" / "loss.png").is_file() and list((out / "lora" / "samples").glob("*_grid.jpg"))
     assert [Image.open(p).size for p in sorted((out / "predictions").iterdir())] == [(64, 64), (64, 64)]
+
+
+def _prediction_section() -> str:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    return text[text.index("### The prediction inputs (`predict.py`)"):text.index("## The command line")]
+
+
+def test_the_readme_lists_every_prediction_input():
+    import inspect
+
+    import predict
+
+    section = _prediction_section()
+    for name in inspect.signature(predict.Predictor.run).parameters:
+        if name != "self":
+            assert f"`{name}`" in section, name
+
+
+def test_the_readme_curl_examples_run(model_cache, s3_server, tmp_path):
+    """The README's img2img and inpainting commands, as a user types them, against the real server."""
+    import shutil
+
+    if not (shutil.which("curl") and shutil.which("jq") and shutil.which("base64")):
+        pytest.skip("the README's examples need curl, jq and base64")
+    from trainer.serving.cog_client import FileServer
+
+    picture = Image.open(REPO_ROOT / "assets" / "sample_images" / "astronaut.jpg").convert("RGB").resize((96, 64))
+    picture.save(tmp_path / "photo.png")
+    picture.save(tmp_path / "start.jpg")
+    mask = Image.new("L", (96, 64))
+    mask.paste(255, (20, 10, 70, 50))
+    mask.save(tmp_path / "mask.png")
+    blocks = [block.split("```", 1)[0] for block in _prediction_section().split("```bash\n")[1:]]
+    assert len(blocks) == 2 and '"image"' in blocks[0] and "--rawfile mask" in blocks[1]
+    env = {**server_env(model_cache, tmp_path / "work", s3_server), "TRAINER_SDXL_MODEL": "tiny-sdxl"}
+    with FileServer(tmp_path) as files, CogServer.start(mode="predict", ref="predict.py:Predictor", cwd=REPO_ROOT,
+                                                        env=env, log_path=tmp_path / "server.log") as server:
+        for block in blocks:
+            command = (block.replace("localhost:5001", server.base_url.removeprefix("http://"))
+                       .replace("https://example.com/start.jpg", files.url("start.jpg")))
+            result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + command], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(tmp_path / "out.png").size == (96, 64)
+    assert Image.open(tmp_path / "inpainted.webp").size == (96, 64)
+    assert json.loads((tmp_path / "response.json").read_text())["metrics"]["nsfw_outputs"] == []
