@@ -186,12 +186,15 @@ def test_refiners_after_img2img_and_inpainting(sdxl, mode):
 
 
 # ---------------------------------------------------------------------------------------- LoRA in every mode
-@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "expert_ensemble_refiner", "base_image_refiner"])
 def test_the_lora_acts_in_every_mode_and_switching_back_restores_the_base(mode, trained_sdxl, tmp_path, model_cache):
     generator = Generator(device="cpu", weight_type="fp32", refiner=TINY_REFINER)
     bundle = LoraBundle.open(trained_sdxl["result"].zip_path, tmp_path)
     generator.load_base(bundle.base_source(tmp_path))
-    request = _request(image=_start_image(), mask=_mask() if mode == "inpaint" else None, prompt_strength=0.9)
+    if mode in ("img2img", "inpaint"):
+        request = _request(image=_start_image(), mask=_mask() if mode == "inpaint" else None, prompt_strength=0.9)
+    else:
+        request = _request(refine=mode, refine_steps=10)
     base = _pixels(generator.generate(request))
     generator.activate(bundle)
     with_lora = _pixels(generator.generate(request))

@@ -172,7 +172,16 @@ class PredictionService:
     def run(self, values: dict, *, allow_local: bool = False) -> PredictionResult:
         """One request. ``allow_local``: the request may name local files (``lora_url``, ``image``, ``mask``)."""
         inputs = PredictionInputs.parse(values)
+        folder = self.input_root / uuid.uuid4().hex[:12]
+        try:
+            # The images first: a bad one fails before any LoRA is fetched or loaded.
+            image, mask = self._images(inputs, folder, allow_local)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         bundle = self._bundle_for(inputs.lora_url, allow_local)
+        if bundle is not None and inputs.refine != "no_refiner" and bundle.version != "sdxl":
+            raise ValueError(f"refine: {inputs.refine} needs an SDXL base model, and this LoRA's is SD1.5; use "
+                             "refine: no_refiner")
         if bundle is not None:
             self.generator.activate(bundle)
         else:
@@ -182,30 +191,21 @@ class PredictionService:
             if "TOK" in inputs.prompt:
                 logger.warning("the prompt uses TOK but no LoRA is active: give lora_url (or start the predictor "
                                "with weights)")
-        version = self.generator.version
-        if inputs.refine != "no_refiner" and version != "sdxl":
-            raise ValueError(f"refine: {inputs.refine} needs an SDXL base model, and this LoRA's is SD1.5; use "
-                             "refine: no_refiner")
         scale = self._lora_scale(inputs, bundle)
-        folder = self.input_root / uuid.uuid4().hex[:12]
-        try:
-            image, mask = self._images(inputs, folder, allow_local)
-            width, height = self._size(inputs, image)
-            if image is not None and image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.LANCZOS)
-                mask = mask.resize((width, height), Image.Resampling.LANCZOS) if mask is not None else None
-            images = self.generator.generate(GenerationRequest(
-                prompt=inputs.prompt, negative_prompt=inputs.negative_prompt or "", width=width, height=height,
-                num_outputs=inputs.num_outputs, num_inference_steps=inputs.num_inference_steps,
-                guidance_scale=inputs.guidance_scale, scheduler=inputs.scheduler, seed=inputs.seed,
-                lora_scale=scale if scale is not None else 1.0, image=image, mask=mask,
-                prompt_strength=inputs.prompt_strength, refine=inputs.refine, high_noise_frac=inputs.high_noise_frac,
-                refine_steps=inputs.refine_steps,
-            ))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        width, height = self._size(inputs, image)
+        if image is not None and image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+            mask = mask.resize((width, height), Image.Resampling.LANCZOS) if mask is not None else None
+        images = self.generator.generate(GenerationRequest(
+            prompt=inputs.prompt, negative_prompt=inputs.negative_prompt or "", width=width, height=height,
+            num_outputs=inputs.num_outputs, num_inference_steps=inputs.num_inference_steps,
+            guidance_scale=inputs.guidance_scale, scheduler=inputs.scheduler, seed=inputs.seed,
+            lora_scale=scale if scale is not None else 1.0, image=image, mask=mask,
+            prompt_strength=inputs.prompt_strength, refine=inputs.refine, high_noise_frac=inputs.high_noise_frac,
+            refine_steps=inputs.refine_steps,
+        ))
         if inputs.apply_watermark:
-            images = self._watermarker(version).apply(images)
+            images = self._watermarker(self.generator.version).apply(images)
         images, flagged = self._check_safety(images, inputs)
         return PredictionResult(self._save(images, inputs), flagged, scale, self.generator.last_steps.total)
 
