@@ -19,7 +19,6 @@ from tests.models.ldm_format import (
     unet_to_ldm,
     vae_to_ldm,
 )
-from trainer.models import loading
 from trainer.models.loading import load_models, resolve_source
 from trainer.models.refiner import ENV_REFINER, RefinerSource, load_refiner, resolve_refiner
 from trainer.models.tiny import TINY_REFINER, tiny_model_dir
@@ -84,35 +83,19 @@ def test_a_single_file_refiner_loads_the_same_unet(base, refiner_folder, refiner
     assert single.vae is base.vae
 
 
-def test_a_refiner_url_is_downloaded_once_into_the_cache(base, refiner_folder, refiner_file, tmp_path, monkeypatch):
-    downloads = []
-    real = loading.download_checkpoint
-
-    def counting(url, cache_dir):
-        downloads.append(url)
-        return real(url, cache_dir)
-
-    monkeypatch.setattr("trainer.models.refiner.download_checkpoint", counting)
-    requested = []
-    monkeypatch.setattr("trainer.utils.download.fetch", _spy_fetch(requested))
-    with FileServer(refiner_file.parent) as server:
+def test_a_refiner_url_is_downloaded_once_into_the_cache(base, refiner_folder, refiner_file, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / refiner_file.name).write_bytes(refiner_file.read_bytes())
+    with FileServer(served) as server:
         url = server.url(refiner_file.name)
-        for _ in range(2):
-            _load(resolve_refiner(url), base, tmp_path, single_file_config=str(refiner_folder))
-    assert downloads == [url, url] and len(requested) == 1, "the second load reads the cached file"
-    assert list((tmp_path / "downloads").rglob(refiner_file.name))
-
-
-def _spy_fetch(calls):
-    from trainer.utils import download
-
-    real = download.fetch
-
-    def fetch(url, *args, **kwargs):
-        calls.append(url)
-        return real(url, *args, **kwargs)
-
-    return fetch
+        first = _load(resolve_refiner(url), base, tmp_path / "cache", single_file_config=str(refiner_folder))
+        # Gone from the server: a second load can only come from the cache.
+        (served / refiner_file.name).unlink()
+        second = _load(resolve_refiner(url), base, tmp_path / "cache", single_file_config=str(refiner_folder))
+    assert [p.name for p in (tmp_path / "cache" / "downloads").rglob("*.safetensors")] == [refiner_file.name]
+    for key, value in first.unet.state_dict().items():
+        assert torch.equal(second.unet.state_dict()[key], value), key
 
 
 def test_a_base_model_is_not_a_refiner(base, model_cache, tmp_path):
