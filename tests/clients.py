@@ -173,6 +173,32 @@ def invokeai_embedding(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return (first.unsqueeze(0) if first.dim() == 1 else first), None
 
 
+def invokeai_scan_folder(folder) -> list:
+    """InvokeAI ``invokeai/backend/model_manager/search.py`` ``ModelSearch`` (the Model Manager's *Scan Folder*): a
+    recursive walk that skips names starting with a dot; a folder holding ``config.json``, ``model_index.json``,
+    ``learned_embeds.bin``, ``pytorch_lora_weights.bin`` or ``image_encoder.txt`` is one model and is not entered;
+    otherwise every ``.ckpt``/``.bin``/``.pth``/``.safetensors``/``.pt`` file is a candidate. Paths, sorted."""
+    from pathlib import Path
+
+    markers = {"config.json", "model_index.json", "learned_embeds.bin", "pytorch_lora_weights.bin",
+               "image_encoder.txt"}
+    suffixes = (".ckpt", ".bin", ".pth", ".safetensors", ".pt")
+    found = []
+
+    def walk(path: Path) -> None:
+        entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+        names = {e.name for e in entries if e.is_file()}
+        if names & markers:
+            found.append(path)
+            return
+        found.extend(path / n for n in sorted(names) if n.endswith(suffixes))
+        for entry in sorted(e for e in entries if e.is_dir()):
+            walk(entry)
+
+    walk(Path(folder))
+    return sorted(found)
+
+
 # ------------------------------------------------------------------------------------------------ hashes
 
 

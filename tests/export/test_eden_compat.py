@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests import eden_reference as eden
 from trainer.export.eden import eden_trigger_text
-from trainer.export.files import EMBEDDINGS_SUFFIX
+from trainer.export.files import EMBEDDINGS_SUFFIX, INVOKEAI_DIR
 from trainer.models.loading import model_cache_dir
 from trainer.models.tiny import tiny_model_dir
 
@@ -144,6 +144,11 @@ def test_our_sdxl_zip_loads_through_edens_rules(trained_sdxl, tmp_path):
 def test_our_sd15_zip_loads_through_edens_rules(trained_sd15, tmp_path):
     session = trained_sd15["session"]
     folder = _unzip(trained_sd15["result"], tmp_path / "zip")
+    # The InvokeAI copy sits one folder down: Eden lists the top level only, and finds the clip_l file there.
+    name = f"{trained_sd15['result'].config.name}{EMBEDDINGS_SUFFIX}"
+    assert (folder / INVOKEAI_DIR / name).is_file()
+    assert eden.embeddings_file(folder) == folder / name
+    assert set(load_file(str(eden.embeddings_file(folder)))) == {"clip_l"}
     eden_prompt, tokens, embeds, out, pipe = _load_the_eden_way(session, folder, "a cat on a sofa")
 
     assert eden_prompt == "in the style of <s0><s1>, a cat on a sofa"  # style mode
@@ -159,6 +164,7 @@ def test_our_zip_without_tokens_loads_through_edens_rules(trained_without_tokens
     folder = _unzip(trained_without_tokens["result"], tmp_path / "zip")
     # Eden's load_ti_embeddings needs a file: ours holds zero vectors, so Eden adds no token.
     assert load_file(str(eden.embeddings_file(folder)))["clip_l"].shape == (0, 32)
+    assert not (folder / INVOKEAI_DIR).exists(), "no InvokeAI copy of zero vectors"
     eden_prompt, tokens, embeds, out, pipe = _load_the_eden_way(session, folder, "a photo of TOK")
 
     assert eden_prompt == "TOK, a photo of TOK" and tokens == []

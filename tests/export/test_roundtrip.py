@@ -28,9 +28,9 @@ def _load_exported(pipe, result, tokens):
                                     tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(embeddings["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2,
                                     tokenizer=pipe.tokenizer_2)
-    else:  # SD1.5: kohya's single key, which InvokeAI's probe needs
-        assert set(embeddings) == {"emb_params"}
-        pipe.load_textual_inversion(embeddings["emb_params"], token=tokens)
+    else:  # SD1.5: the text encoder's name, which Eden's loader needs (InvokeAI's copy is in invokeai/)
+        assert set(embeddings) == {"clip_l"}
+        pipe.load_textual_inversion(embeddings["clip_l"], token=tokens)
 
 
 def _unet_inputs(session, seed=0):

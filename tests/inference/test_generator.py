@@ -116,3 +116,31 @@ def test_dora_bundles_apply_exactly_and_restore_the_base(generator, tmp_path, mo
     with torch.no_grad():
         restored = generator.pipeline.unet(latents, steps, text).sample
     assert torch.equal(restored, base)
+
+
+@pytest.mark.parametrize("layout", ["current", "emb_params"])
+def test_sd15_token_vectors_load_from_current_and_earlier_zips(generator, trained_sd15, tmp_path, layout):
+    """Current zips hold ``clip_l`` at the top level (and InvokeAI's copy in ``invokeai/``, which the predictor
+    ignores); zips made between issue 10 and that copy held ``emb_params`` at the top level."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from trainer.export.files import EMBEDDINGS_SUFFIX, INVOKEAI_DIR
+
+    result = trained_sd15["result"]
+    folder = tmp_path / "bundle"
+    with zipfile.ZipFile(result.zip_path) as archive:
+        archive.extractall(folder)
+    path = folder / f"{result.config.name}{EMBEDDINGS_SUFFIX}"
+    assert (folder / INVOKEAI_DIR / path.name).is_file()
+    if layout == "emb_params":
+        save_file({"emb_params": load_file(str(path))["clip_l"]}, str(path))
+        shutil.rmtree(folder / INVOKEAI_DIR)
+    bundle = LoraBundle.open(folder)
+    generator.activate(bundle)
+    (trained,) = trained_sd15["session"].tokens.rows().values()
+    ids = generator.pipeline.tokenizer.convert_tokens_to_ids(bundle.tokens)
+    assert bundle.tokens == ["<s0>", "<s1>"]
+    assert torch.equal(generator.pipeline.text_encoder.get_input_embeddings().weight[ids], trained)

@@ -5,7 +5,8 @@ The zip holds, at its top level:
 | file | what |
 |---|---|
 | ``<name>_lora.safetensors`` | UNet (and text-encoder) LoRA or DoRA in kohya form, true alpha, kohya/A1111 metadata |
-| ``<name>_embeddings.safetensors`` | the tokens' vectors: ``emb_params`` (SD1.5), ``clip_l`` + ``clip_g`` (SDXL) |
+| ``<name>_embeddings.safetensors`` | the tokens' vectors: ``clip_l`` (SD1.5), ``clip_l`` + ``clip_g`` (SDXL) |
+| ``invokeai/<name>_embeddings.safetensors`` | SD1.5 only: the same vectors under ``emb_params``, for InvokeAI |
 | ``special_params.json`` | maps the trigger (``TOK``) to the token string (``<s0><s1><s2>``) |
 | ``training_args.json`` | the resolved configuration (base model, seed, everything) |
 | ``README.md`` | how to use the files in ComfyUI, A1111/Forge, InvokeAI, diffusers and our predictor |
@@ -92,8 +93,7 @@ def write_export(folder: Path, spec: ExportSpec, *, unet, text_encoders: list, t
         written["unet"] = unet_dir
     if token_rows:
         metadata = files.embeddings_metadata(name=spec.name, version=spec.version, tokens=spec.tokens)
-        written["embeddings"] = files.write_embeddings(folder, spec.name, spec.version, list(token_rows.values()),
-                                                       metadata)
+        written.update(files.write_embeddings(folder, spec.name, spec.version, list(token_rows.values()), metadata))
     written["special_params"] = files.write_special_params(folder, spec.token_dict)
     path = folder / files.TRAINING_ARGS
     atomic_write_text(path, json.dumps(spec.training_args, indent=2) + "\n")
@@ -171,7 +171,8 @@ def usage_readme(spec: ExportSpec, has_lora: bool, has_embeddings: bool, full_un
     tokens = spec.token_dict.get(trigger, "")
     emb = f"{name}_embeddings"
     is_dora = has_lora and bool(spec.training_args.get("use_dora"))
-    keys = ", ".join(f"`{k}`" for k in files.EMBEDDING_KEYS[spec.version])
+    emb_files = files.embedding_files(spec.version, len(spec.tokens)) if has_embeddings else ()
+    invokeai_copy = next((f"{f.folder}/{emb}.safetensors" for f in emb_files if f.folder == files.INVOKEAI_DIR), None)
     lines = [
         f"# {name}",
         "",
@@ -188,8 +189,12 @@ def usage_readme(spec: ExportSpec, has_lora: bool, has_embeddings: bool, full_un
         lines.append(f"| `{name}_lora.safetensors` | {kind} |")
     if full_unet:
         lines.append("| `unet/` | the fine-tuned UNet (diffusers format) |")
-    if has_embeddings:
-        lines.append(f"| `{emb}.safetensors` | the trained token vectors ({keys}) |")
+    for emb_file in emb_files:
+        keys = ", ".join(f"`{k}`" for k in emb_file.keys)
+        if emb_file.folder == files.INVOKEAI_DIR:
+            lines.append(f"| `{emb_file.folder}/{emb}.safetensors` | the same vectors under {keys}, for InvokeAI |")
+        else:
+            lines.append(f"| `{emb}.safetensors` | the trained token vectors ({keys}) |")
     lines += [
         f"| `special_params.json` | `{trigger}` → `{tokens}` |",
         "| `training_args.json` | every training setting |",
@@ -205,10 +210,20 @@ def usage_readme(spec: ExportSpec, has_lora: bool, has_embeddings: bool, full_un
             f"the LoRA with a *LoraLoader* node and write `embedding:{emb}` where the prompt had `{trigger}`.",
             f"- **A1111 / Forge**: copy `{emb}.safetensors` to `embeddings/` and the LoRA to `models/Lora`; write "
             f"`{emb}` where the prompt had `{trigger}` and add `<lora:{name}_lora:1>`.",
-            f"- **InvokeAI**: install `{name}_lora.safetensors` and `{emb}.safetensors` in the Model Manager "
-            "(*Add Models*, *URL or Local Path*, or *Scan Folder* on the unpacked zip); pick the LoRA in the "
-            f"generation settings' LoRA section and write `<{emb}>` (the embedding's model name, which is its file "
-            f"name, in angle brackets) where the prompt had `{trigger}`.",
+            f"- **InvokeAI**: install `{name}_lora.safetensors` and `{invokeai_copy or emb + '.safetensors'}` in "
+            "the Model Manager (*Add Models*, *URL or Local Path*, or *Scan Folder* on the unpacked zip); pick the "
+            f"LoRA in the generation settings' LoRA section and write `<{emb}>` (the embedding's model name, which "
+            f"is its file name, in angle brackets) where the prompt had `{trigger}`.",
+        ]
+        if invokeai_copy:
+            lines += [
+                f"  Use the copy in `{files.INVOKEAI_DIR}/`, not the top-level `{emb}.safetensors` (*Scan Folder* "
+                "lists both). Why two files: InvokeAI reads the width of a single-tensor embedding from its row "
+                "count unless the tensor is named `emb_params`, so it cannot classify the top-level file "
+                "(`clip_l`, the name Eden's tools need); the copy holds the same vectors under `emb_params` and has "
+                "the same file name, so the trigger is the same.",
+            ]
+        lines += [
             f"- **diffusers**: load the tokens as `{tokens}` (see below) and write `{tokens}` in the prompt.",
             f"- **our predictor**: write `{trigger}`; it is replaced for you.",
         ]

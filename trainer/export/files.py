@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -138,20 +139,43 @@ def write_lora(folder: Path, name: str, state: dict[str, torch.Tensor], metadata
     return path
 
 
-#: The embedding file's key per text encoder. SD1.5: kohya's and A1111's ``emb_params``, the one key InvokeAI's probe
-#: reads the width of ([n, 768] under any other single key is classified by its row count and never used); A1111,
-#: ComfyUI and diffusers read any single key. SDXL: ``clip_l`` and ``clip_g``, which every client reads.
-EMBEDDING_KEYS = {"sd15": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
-#: Keys this project wrote before, still read back.
-LEGACY_EMBEDDING_KEYS = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+#: The top-level embedding file's key per text encoder: the encoders' names, which Eden's loader requires
+#: (``clip_l``, else ``text_encoders_0``) and ComfyUI, A1111 and diffusers read (SD1.5: any single key; SDXL: the
+#: ``clip_l`` + ``clip_g`` pair).
+EMBEDDING_KEYS = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+#: InvokeAI's copy of the SD1.5 vectors goes into this subfolder under the same file name (the same trigger).
+INVOKEAI_DIR = "invokeai"
+#: Keys this project wrote before and still reads back: SD1.5 zips made between issue 10 and the InvokeAI copy held
+#: their vectors under ``emb_params`` at the top level.
+LEGACY_EMBEDDING_KEYS = {"sd15": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
 
 
-def embedding_file_state(version: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One tensor [n, width] per text encoder (in the model's order) under the keys the clients read."""
-    keys = EMBEDDING_KEYS[version]
-    if len(vectors) != len(keys):
-        raise ValueError(f"a {version} embedding file holds {len(keys)} tensor(s), got {len(vectors)}")
-    return dict(zip(keys, vectors, strict=True))
+@dataclass(frozen=True)
+class EmbeddingFile:
+    """One embedding file of an export: its folder (relative, ``""`` for the top level) and its keys, one per text
+    encoder in the model's order."""
+
+    folder: str
+    keys: tuple[str, ...]
+    label: str
+    """The key ``write_export`` reports the written path under."""
+
+
+def embedding_files(version: str, n_tokens: int) -> tuple[EmbeddingFile, ...]:
+    """The embedding files an export carries, the top-level one first. Every file holds the same vectors.
+
+    No one key suits every client for SD1.5: Eden's loader needs ``clip_l``; InvokeAI's probe takes the width of a
+    single tensor from ``shape[0]`` (its row count) unless the key is ``emb_params``, ``string_to_param`` or
+    ``clip_g``, so it never uses a ``clip_l`` file; A1111 takes only one tensor per plain file. So the top level holds
+    ``clip_l`` and ``invokeai/`` the same vectors under ``emb_params``, with the same file name so that the trigger
+    (the file name) is the same everywhere. Eden lists only the top level, so the copy does not confuse it. SDXL's
+    ``clip_l`` + ``clip_g`` file is read by every client, InvokeAI included (its probe reads ``clip_g``'s width).
+    A run without tokens gets no copy: its zero-vector file exists only for Eden's loader.
+    """
+    files = [EmbeddingFile("", EMBEDDING_KEYS[version], "embeddings")]
+    if version == "sd15" and n_tokens > 0:
+        files.append(EmbeddingFile(INVOKEAI_DIR, ("emb_params",), "invokeai_embeddings"))
+    return tuple(files)
 
 
 def embedding_vectors(state: dict[str, torch.Tensor], version: str, where: str = "the embedding file"
@@ -165,11 +189,19 @@ def embedding_vectors(state: dict[str, torch.Tensor], version: str, where: str =
 
 
 def write_embeddings(folder: Path, name: str, version: str, vectors: list[torch.Tensor], metadata: dict[str, str],
-                     dtype: torch.dtype = torch.float32) -> Path:
-    path = folder / f"{name}{EMBEDDINGS_SUFFIX}"
-    state = embedding_file_state(version, [v.to(dtype) for v in vectors])
-    write_safetensors(path, state, metadata)
-    return path
+                     dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Write every embedding file of ``embedding_files`` (the same tensors in each); returns label -> path."""
+    vectors = [v.to(dtype).contiguous() for v in vectors]
+    written = {}
+    for spec in embedding_files(version, vectors[0].shape[0] if vectors else 0):
+        if len(vectors) != len(spec.keys):
+            raise ValueError(f"a {version} embedding file holds {len(spec.keys)} tensor(s), got {len(vectors)}")
+        target = folder / spec.folder if spec.folder else folder
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"{name}{EMBEDDINGS_SUFFIX}"
+        write_safetensors(path, dict(zip(spec.keys, vectors, strict=True)), metadata)
+        written[spec.label] = path
+    return written
 
 
 def write_special_params(folder: Path, token_dict: dict[str, str]) -> Path:
