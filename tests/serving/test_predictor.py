@@ -257,7 +257,8 @@ def test_flagged_outputs_are_black_and_reported(flagging_predictor, monkeypatch,
     assert _pixels(allowed).any() and metrics["nsfw_outputs"] == []
 
 
-def test_the_operator_can_turn_the_checker_off(tmp_path, model_cache, monkeypatch):
+def test_the_operator_can_turn_the_checker_off_and_the_refiner_waits_for_its_first_use(tmp_path, model_cache,
+                                                                                       monkeypatch):
     monkeypatch.setenv("TRAINER_DISABLE_SAFETY_CHECKER", "1")
     monkeypatch.setenv("TRAINER_SAFETY_CHECKER", str(tmp_path / "never-loaded"))
     monkeypatch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
@@ -268,6 +269,8 @@ def test_the_operator_can_turn_the_checker_off(tmp_path, model_cache, monkeypatc
     predictor.setup(weights=None)
     assert predictor.service.safety_checker is None
     assert _pixels(predictor.run(prompt="a dog", **SMALL)).any()
+    # Nothing loaded the refiner yet (TRAINER_SDXL_REFINER is not even set here: the default hub id is never fetched).
+    assert predictor.service.generator.refiner is None
 
 
 @pytest.fixture(scope="module")
