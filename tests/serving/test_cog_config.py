@@ -134,7 +134,9 @@ def test_smoke_script_is_executable_and_documents_itself():
 
 
 def test_the_readme_documents_the_trust_boundary_and_every_operator_variable():
+    from trainer.inference.safety import ENV_DISABLE_SAFETY_CHECKER, ENV_SAFETY_CHECKER
     from trainer.models.loading import ENV_MAX_MODEL_BYTES
+    from trainer.models.refiner import ENV_REFINER
     from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT
     from trainer.serving.common import ENV_ALLOW_LOCAL
     from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS, ENV_DOWNLOAD_DEADLINE
@@ -143,7 +145,33 @@ def test_the_readme_documents_the_trust_boundary_and_every_operator_variable():
     security = text[text.index("## Security"):text.index("## Troubleshooting")]
     environment = text[text.index("## Environment variables"):text.index("## Security")]
     for name in (ENV_ALLOW_LOCAL, ENV_ALLOW_PRIVATE_HOSTS, ENV_ALLOW_REQUEST_S3_ENDPOINT, ENV_DOWNLOAD_DEADLINE,
-                 ENV_MAX_MODEL_BYTES):
+                 ENV_MAX_MODEL_BYTES, ENV_REFINER, ENV_SAFETY_CHECKER, ENV_DISABLE_SAFETY_CHECKER):
         assert f"`{name}`" in environment and name in security, name
     for topic in ("trust boundary", "Outbound requests", "Secrets", "Limits"):
         assert topic in security, topic
+
+
+@pytest.mark.parametrize("name", COG_FILES)
+def test_the_watermark_library_is_installed_without_its_opencv(name):
+    """invisible-watermark declares opencv-python (a second cv2 that needs libGL); the images install it --no-deps,
+    at the version requirements-nodeps.txt pins, beside everything it imports."""
+    pinned = pins(flatten(REPO_ROOT / "requirements-nodeps.txt"))["invisible-watermark"]
+    build = _load(name)["build"]
+    commands = [item["command"] if isinstance(item, dict) else item for item in build.get("run", [])]
+    install = [c for c in commands if "invisible-watermark" in c]
+    assert install and all(f"--no-deps invisible-watermark=={pinned}" in c for c in install), install
+    image = pins(flatten(REPO_ROOT / build["python_requirements"]))
+    # What imwatermark imports: numpy, PIL, pywt, cv2 (from the headless wheel), torch.
+    assert {"numpy", "pillow", "pywavelets", "opencv-python-headless", "torch"} <= set(image)
+    assert "opencv-python" not in image
+
+
+def test_the_watermark_library_imports_here():
+    """The development install (scripts/setup.sh) has it the same way, and its cv2 is the headless one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import imwatermark  # noqa: F401
+
+    assert version("invisible-watermark") == pins(flatten(REPO_ROOT / "requirements-nodeps.txt"))["invisible-watermark"]
+    with pytest.raises(PackageNotFoundError):
+        version("opencv-python")

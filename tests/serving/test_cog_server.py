@@ -1,12 +1,14 @@
 """End to end through the real cog HTTP server (``python -m cog.server.http``), as a cog image serves the API.
 
 Train mode: sync training from images served over http, bad inputs, async training with webhooks and a cancel, S3
-input and upload against a real S3-compatible server. Predict mode: ``COG_WEIGHTS`` set to a trained zip's URL.
+input and upload against a real S3-compatible server. Predict mode: ``COG_WEIGHTS`` set to a trained zip's URL, and
+cog-sdxl's inputs (img2img, inpainting, refiner, safety checker) with their bad-input messages.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -164,6 +166,87 @@ def test_prediction_server_with_cog_weights_url(trained, file_server, trained_sd
     assert "ready with the LoRA from" in (tmp_path / "server.log").read_text()
 
 
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_prediction_server_with_cog_sdxl_inputs(trained, file_server, trained_sd15, model_cache, s3_server,
+                                                tmp_path):
+    """cog-sdxl's inputs through the real server: img2img and inpainting from data URIs (how cog clients send an
+    uploaded file), the refiner, bad inputs with their messages, and a safety checker (tiny, built from config)
+    forced to flag: black images, reported in the response's metrics."""
+    import numpy as np
+
+    from tests.utils.conftest import ScriptedServer  # here: a module-level import would bring its autouse fixture
+    from trainer.models.tiny import build_tiny_safety_checker
+
+    build_tiny_safety_checker(tmp_path / "flagging-checker", flag_everything=True)
+    (file_server.folder / "sd15.zip").write_bytes(trained_sd15["result"].zip_path.read_bytes())
+    env = {**server_env(model_cache, tmp_path / "work", s3_server, allow=file_server.address),
+           "COG_WEIGHTS": file_server.url("served.zip"), "TRAINER_SAFETY_CHECKER": str(tmp_path / "flagging-checker"),
+           "TRAINER_SDXL_REFINER": "tiny-sdxl-refiner"}
+    start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (24, 16, 72, 48))
+    colour_mask = Image.new("RGB", (96, 64), (255, 0, 0))
+    base = {"prompt": "a photo of TOK", "num_inference_steps": 2, "seed": 5, "output_format": "png",
+            "disable_safety_checker": True}
+
+    def outputs(result) -> list[Image.Image]:
+        assert result["status"] == "succeeded", result.get("error")
+        return [Image.open(io.BytesIO(decode_data_url(url))).convert("RGB") for url in result["output"]]
+
+    # An internal service on another loopback port: the server's allowance names the file server only.
+    with contextlib.closing(ScriptedServer()) as internal, CogServer.start(
+            mode="predict", ref="predict.py:Predictor", cwd=REPO_ROOT, env=env,
+            log_path=tmp_path / "server.log") as server:
+        img2img = server.predict({**base, "image": _png_data_uri(start), "prompt_strength": 0.9})
+        assert [im.size for im in outputs(img2img)] == [(96, 64)]
+        assert img2img["metrics"]["nsfw_outputs"] == [] and img2img["metrics"]["total_inference_steps"] == 1
+
+        inpainted = server.predict({**base, "image": _png_data_uri(start), "mask": _png_data_uri(mask),
+                                    "prompt_strength": 1.0})
+        result = np.asarray(outputs(inpainted)[0], dtype=np.float32)
+        keep = np.asarray(mask) == 0
+        difference = np.abs(result - np.asarray(start, dtype=np.float32))
+        assert difference[keep].max() <= 1.0 and difference[~keep].mean() > 10.0
+
+        refined = server.predict({**base, "width": 64, "height": 64, "refine": "expert_ensemble_refiner",
+                                  "num_inference_steps": 4, "high_noise_frac": 0.5})
+        assert [im.size for im in outputs(refined)] == [(64, 64)]
+        assert refined["metrics"]["total_inference_steps"] == 4
+
+        flagged = server.predict({"prompt": "a photo of TOK", "width": 64, "height": 64, "num_outputs": 2,
+                                  "num_inference_steps": 2, "output_format": "png"})
+        assert [np.asarray(im).any() for im in outputs(flagged)] == [False, False], "black images, in place"
+        assert flagged["metrics"]["nsfw_outputs"] == [0, 1]
+        assert "output 1 of 2 was flagged by the safety checker" in flagged["logs"]
+
+        bad_inputs = [
+            ({"mask": _png_data_uri(mask)}, "mask: inpainting needs the image to repaint too; give image with the"),
+            ({"image": _png_data_uri(start), "mask": _png_data_uri(colour_mask)},
+             "mask: must be greyscale (white = repaint, black = keep), but it has colours"),
+            ({"image": _png_data_uri(start), "mask": _png_data_uri(mask.resize((48, 32)))},
+             "mask: 48×32 does not match the image's 96×64; give a mask of the same size"),
+            ({"image": "data:image/png;base64,bm90IGFuIGltYWdl"}, "image: not an image in a supported format"),
+            ({"image": "/etc/hostname"}, "image: local paths are not accepted here"),
+            ({"refine": "expert_ensemble_refiner", "lora_url": file_server.url("sd15.zip")},
+             "refine: expert_ensemble_refiner needs an SDXL base model, and this LoRA's is SD1.5"),
+            ({"refine": "sharpen"}, "refine: Input should be 'no_refiner', 'expert_ensemble_refiner' or"),
+            ({"image": internal.serve("/start.png", b"\x89PNG")},
+             f"image: {internal.url('/start.png')}: 127.0.0.1 is a loopback address"),
+            ({"image": _png_data_uri(start), "mask": internal.url("/start.png", host="2130706433")},
+             "is a loopback address"),
+        ]
+        for extra, message in bad_inputs:
+            bad = server.predict({**base, **extra})
+            assert bad["status"] == "failed", extra
+            assert message in bad["error"] and "Traceback" not in bad["error"], bad["error"]
+        assert internal.connections == 0 and internal.requests == [], "a refused image URL is never contacted"
+
+
 def test_prediction_server_with_edens_tar_as_cog_weights(file_server, trained_sdxl, model_cache, s3_server, tmp_path):
     """COG_WEIGHTS is the URL of Eden's .tar; the images equal those of our zip of the same weights."""
     import numpy as np
@@ -201,3 +284,50 @@ def test_the_smoke_script_runs_the_main_job_offline(model_cache, tmp_path):
     assert (out / "lora" / "cog_test_lora.safetensors").is_file()
     assert (out / "lora" / "loss.png").is_file() and list((out / "lora" / "samples").glob("*_grid.jpg"))
     assert [Image.open(p).size for p in sorted((out / "predictions").iterdir())] == [(64, 64), (64, 64)]
+
+
+def _prediction_section() -> str:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    return text[text.index("### The prediction inputs (`predict.py`)"):text.index("## The command line")]
+
+
+def test_the_readme_lists_every_prediction_input():
+    import inspect
+
+    import predict
+
+    section = _prediction_section()
+    for name in inspect.signature(predict.Predictor.run).parameters:
+        if name != "self":
+            assert f"`{name}`" in section, name
+
+
+def test_the_readme_curl_examples_run(model_cache, s3_server, tmp_path):
+    """The README's img2img and inpainting commands, as a user types them, against the real server."""
+    import shutil
+
+    if not (shutil.which("curl") and shutil.which("jq") and shutil.which("base64")):
+        pytest.skip("the README's examples need curl, jq and base64")
+    from trainer.serving.cog_client import FileServer
+
+    picture = Image.open(REPO_ROOT / "assets" / "sample_images" / "astronaut.jpg").convert("RGB").resize((96, 64))
+    picture.save(tmp_path / "photo.png")
+    picture.save(tmp_path / "start.jpg")
+    mask = Image.new("L", (96, 64))
+    mask.paste(255, (20, 10, 70, 50))
+    mask.save(tmp_path / "mask.png")
+    blocks = [block.split("```", 1)[0] for block in _prediction_section().split("```bash\n")[1:]]
+    assert len(blocks) == 2 and '"image"' in blocks[0] and "--rawfile mask" in blocks[1]
+    with FileServer(tmp_path) as files, CogServer.start(
+            mode="predict", ref="predict.py:Predictor", cwd=REPO_ROOT, log_path=tmp_path / "server.log",
+            env={**server_env(model_cache, tmp_path / "work", s3_server, allow=files.address),
+                 "TRAINER_SDXL_MODEL": "tiny-sdxl"}) as server:
+        for block in blocks:
+            command = (block.replace("localhost:5001", server.base_url.removeprefix("http://"))
+                       .replace("https://example.com/start.jpg", files.url("start.jpg")))
+            result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + command], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(tmp_path / "out.png").size == (96, 64)
+    assert Image.open(tmp_path / "inpainted.webp").size == (96, 64)
+    assert json.loads((tmp_path / "response.json").read_text())["metrics"]["nsfw_outputs"] == []

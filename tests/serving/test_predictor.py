@@ -1,7 +1,9 @@
-"""predict.py in-process: LoRAs by URL (cached), COG_WEIGHTS as a local SD1.5 zip, switching back to the base."""
+"""predict.py in-process: LoRAs by URL (cached), COG_WEIGHTS as a local SD1.5 zip, switching back to the base, the
+cog-sdxl inputs (image, mask, refine, apply_watermark, disable_safety_checker) and the recommended LoRA scale."""
 
 from __future__ import annotations
 
+import base64
 import inspect
 import io
 import json
@@ -43,6 +45,9 @@ def base_predictor(tmp_path_factory, model_cache):
     """A predictor started without weights: the default SDXL base (here the tiny one, set by environment)."""
     patch = pytest.MonkeyPatch()
     patch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
+    # The tiny companions, named as the tiny base model is: never used unless named.
+    patch.setenv("TRAINER_SDXL_REFINER", "tiny-sdxl-refiner")
+    patch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
     patch.setenv("TRAINER_DEVICE", "cpu")
     patch.setenv("TRAINER_PREDICT_DIR", str(tmp_path_factory.mktemp("predict")))
     patch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)  # keep pytest's logging
@@ -54,6 +59,28 @@ def base_predictor(tmp_path_factory, model_cache):
 
 def _pixels(paths) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in paths])
+
+
+def _picture(width: int, height: int, seed: int = 1) -> Image.Image:
+    """A colourful starting image: a gradient with a random disc."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.stack([xx * 255 / width, yy * 255 / height, np.full_like(xx, 90.0)], axis=-1)
+    cx, cy = rng.integers(0, width), rng.integers(0, height)
+    image[(xx - cx) ** 2 + (yy - cy) ** 2 < (min(width, height) // 3) ** 2] = rng.integers(0, 255, 3)
+    return Image.fromarray(image.astype(np.uint8))
+
+
+def _square_mask(width: int, height: int) -> Image.Image:
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    return mask
+
+
+def _data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_switching_loras_restores_the_base_model(base_predictor, served_loras, monkeypatch):
@@ -105,9 +132,21 @@ def test_local_lora_paths_need_the_operator_flag(base_predictor, trained_sdxl, m
         ({"scheduler": "euler"}, "scheduler: Input should be 'DDIM'"),
         ({"output_format": "gif"}, "output_format: Input should be 'webp', 'png' or 'jpg'"),
         ({"lora_url": "ftp://host/x.zip"}, "use an http\\(s\\):// URL or an s3:// URI"),
+        ({"refine": "refiner"}, "refine: Input should be 'no_refiner', 'expert_ensemble_refiner' or"),
+        ({"prompt_strength": 1.5}, "prompt_strength: Input should be less than or equal to 1"),
+        ({"mask": "data:image/png;base64,AAAA"}, "mask: inpainting needs the image to repaint too; give image"),
+        ({"image": "/etc/hostname"}, "image: local paths are not accepted here"),
+        ({"image": "data:text/plain;base64,aGVsbG8="}, "image: not an image in a supported format"),
+        ({"image": "RGB64", "mask": "RGBMASK64"}, "mask: must be greyscale \\(white = repaint, black = keep\\)"),
+        ({"image": "RGB64", "mask": "MASK32"}, "mask: 32×32 does not match the image's 64×64"),
+        ({"image": "RGB64", "prompt_strength": 0.0}, "prompt_strength: 0 of 2 num_inference_steps leaves no"),
+        ({"refine": "base_image_refiner", "refine_steps": 2}, "refine_steps: base_image_refiner runs 0.3 of its 2"),
     ],
 )
 def test_bad_requests_say_what_is_wrong(base_predictor, given, message):
+    pictures = {"RGB64": _data_uri(_picture(64, 64)), "RGBMASK64": _data_uri(_picture(64, 64, seed=2)),
+                "MASK32": _data_uri(_square_mask(32, 32))}
+    given = {key: pictures.get(value, value) if isinstance(value, str) else value for key, value in given.items()}
     with pytest.raises(ValueError, match=message):
         base_predictor.run(**{"prompt": "TOK", **SMALL, **given})
 
@@ -123,6 +162,7 @@ def test_weights_at_setup_from_a_local_zip(trained_sd15, tmp_path, monkeypatch, 
     """COG_WEIGHTS may be a local path (the operator sets it); TOK becomes the trained tokens."""
     monkeypatch.setenv("TRAINER_DEVICE", "cpu")
     monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path))
+    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
     monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
     predictor = predict.Predictor()
     predictor.setup(weights=str(trained_sd15["result"].zip_path))
@@ -130,6 +170,12 @@ def test_weights_at_setup_from_a_local_zip(trained_sd15, tmp_path, monkeypatch, 
     assert generator.version == "sd15" and generator.active is not None
     assert generator.prompt_text("in the style of TOK") == "in the style of <s0><s1>"
     assert len(predictor.run(prompt="in the style of TOK", **SMALL)) == 1
+    # SD1.5 has img2img and inpainting, but no refiner.
+    start = _data_uri(_picture(64, 64))
+    assert len(predictor.run(prompt="TOK", image=start, mask=_data_uri(_square_mask(64, 64)), **SMALL)) == 1
+    for refine in ("expert_ensemble_refiner", "base_image_refiner"):
+        with pytest.raises(ValueError, match=f"refine: {refine} needs an SDXL base model, and this LoRA's is SD1.5"):
+            predictor.run(prompt="TOK", refine=refine, **SMALL)
 
 
 def test_predict_signature_matches_the_validation():
@@ -151,6 +197,93 @@ def test_predict_signature_matches_the_validation():
         literal = getattr(field.annotation, "__args__", None)
         if declared.choices is not None:
             assert tuple(declared.choices) == literal, name
+
+
+# ------------------------------------------------------------------------------------------- cog-sdxl's inputs
+def test_img2img_and_inpainting_take_the_size_of_the_image(base_predictor, served_loras):
+    start = _picture(96, 64)
+    (served_loras.folder / "start.png").write_bytes(base64.b64decode(_data_uri(start).split(",", 1)[1]))
+    from_url = base_predictor.run(prompt="a photo of TOK", lora_url=served_loras.url("sdxl.zip"),
+                                  image=served_loras.url("start.png"), **{**SMALL, "width": None, "height": None})
+    assert Image.open(from_url[0]).size == (96, 64)
+    wider = base_predictor.run(prompt="a dog", image=_data_uri(start), **{**SMALL, "width": 128, "height": None})
+    assert Image.open(wider[0]).size == (128, 88), "one side given: the other keeps the aspect ratio"
+
+    mask = _square_mask(96, 64)
+    inpainted = base_predictor.run(prompt="a dog", image=_data_uri(start), mask=_data_uri(mask), num_outputs=2,
+                                   prompt_strength=1.0, **{**SMALL, "width": None, "height": None})
+    keep = np.asarray(mask) == 0
+    difference = np.abs(_pixels(inpainted) - np.asarray(start, dtype=np.float32))
+    assert difference.shape == (2, 64, 96, 3)
+    assert difference[:, keep].max() <= 1.0 and difference[:, ~keep].mean() > 10.0
+
+
+def test_refiner_modes_through_the_predictor(base_predictor, served_loras):
+    for refine in ("expert_ensemble_refiner", "base_image_refiner"):
+        result = base_predictor.service.run({"prompt": "a photo of TOK", "lora_url": served_loras.url("sdxl.zip"),
+                                             "refine": refine, "refine_steps": 10, **{**SMALL,
+                                                                                      "num_inference_steps": 5}})
+        steps = base_predictor.service.generator.last_steps
+        assert Image.open(result.paths[0]).size == (64, 64) and steps.refiner
+        assert result.total_steps == len(steps.base) + len(steps.refiner)
+        assert "<s0>" not in steps.refiner_prompt and "TOK" not in steps.refiner_prompt
+
+
+def test_outputs_carry_the_watermark_unless_refused(base_predictor):
+    from trainer.inference.watermark import payload_bits, read_watermark
+
+    request = {"prompt": "a dog", **SMALL, "width": 256, "height": 256}
+    expected = payload_bits("sdxl")
+    marked = read_watermark(Image.open(base_predictor.run(**request)[0]), "sdxl")
+    plain = read_watermark(Image.open(base_predictor.run(**request, apply_watermark=False)[0]), "sdxl")
+    # Stability's detector: more than 35 of 48 bits is "very likely watermarked".
+    assert sum(a == b for a, b in zip(marked, expected, strict=True)) > 35
+    assert sum(a == b for a, b in zip(plain, expected, strict=True)) <= 33
+
+
+@pytest.fixture
+def flagging_predictor(tmp_path, model_cache, monkeypatch):
+    """A predictor whose safety checker (tiny, built from config) flags every image."""
+    from trainer.models.tiny import build_tiny_safety_checker
+
+    build_tiny_safety_checker(tmp_path / "checker", flag_everything=True)
+    monkeypatch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
+    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", str(tmp_path / "checker"))
+    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
+    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path / "predict"))
+    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
+    predictor = predict.Predictor()
+    predictor.setup(weights=None)
+    return predictor
+
+
+def test_flagged_outputs_are_black_and_reported(flagging_predictor, monkeypatch, caplog):
+    metrics = {}
+    monkeypatch.setattr(flagging_predictor, "record_metric", lambda key, value, mode="replace":
+                        metrics.__setitem__(key, value))
+    with caplog.at_level("WARNING"):
+        paths = flagging_predictor.run(prompt="a dog", num_outputs=2, **SMALL)
+    assert len(paths) == 2 and not _pixels(paths).any(), "black images, in place"
+    assert metrics["nsfw_outputs"] == [0, 1] and metrics["total_inference_steps"] == 2
+    assert "output 1 of 2 was flagged by the safety checker" in caplog.text
+    allowed = flagging_predictor.run(prompt="a dog", disable_safety_checker=True, **SMALL)
+    assert _pixels(allowed).any() and metrics["nsfw_outputs"] == []
+
+
+def test_the_operator_can_turn_the_checker_off_and_the_refiner_waits_for_its_first_use(tmp_path, model_cache,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("TRAINER_DISABLE_SAFETY_CHECKER", "1")
+    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", str(tmp_path / "never-loaded"))
+    monkeypatch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
+    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
+    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path / "predict"))
+    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
+    predictor = predict.Predictor()
+    predictor.setup(weights=None)
+    assert predictor.service.safety_checker is None
+    assert _pixels(predictor.run(prompt="a dog", **SMALL)).any()
+    # Nothing loaded the refiner yet (TRAINER_SDXL_REFINER is not even set here: the default hub id is never fetched).
+    assert predictor.service.generator.refiner is None
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +322,7 @@ def test_edens_tar_as_weights_at_setup(base_predictor, served_loras, served_eden
     ours = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=served_loras.url("sdxl.zip"), **SMALL))
     monkeypatch.setenv("TRAINER_DEVICE", "cpu")
     monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path))
+    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
     monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
     predictor = predict.Predictor()
     predictor.setup(weights=str(served_eden["tar"]))

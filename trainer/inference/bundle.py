@@ -67,6 +67,13 @@ class LoraBundle:
             return self.token_names
         return self.training_args.get("inserting_list_tokens") or []
 
+    @property
+    def recommended_lora_scale(self) -> float | None:
+        """The LoRA scale the zip's checkpoint evaluation recommends for these weights, when it carries one."""
+        from trainer.evaluate.recommended import recommended_scale
+
+        return recommended_scale(self.folder, self.training_args.get("max_train_steps"))
+
     def base_source(self, cache_dir: Path, override: str | None = None) -> ModelSource:
         """The model this LoRA was trained on (or ``override``, for example a local copy of it)."""
         args = self.training_args

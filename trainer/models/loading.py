@@ -91,9 +91,11 @@ class SDModels:
 
         scheduler = scheduler or self.scheduler
         if self.is_sdxl:
+            # No watermark in samples and evaluation renders; the predictor applies its own when asked.
             return StableDiffusionXLPipeline(
                 vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
                 tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet, scheduler=scheduler,
+                add_watermarker=False,
             )
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,

@@ -4,6 +4,11 @@ They have the real architectures' structure (cross-attention blocks, a mid block
 size conditioning, an 8x VAE) at a size that trains a step on a CPU in well under a second. They are built once into
 the model cache and then loaded through exactly the same code path as a real diffusers folder. They are only ever
 used when named (``ckpt_path: tiny-sd15`` / ``tiny-sdxl``), never as a fallback.
+
+Two predictor companions are built the same way and are likewise used only when named: ``tiny-sdxl-refiner`` (an SDXL
+refiner that fits ``tiny-sdxl``'s VAE and second text encoder; ``TRAINER_SDXL_REFINER``) and ``tiny-safety-checker``
+(diffusers' ``StableDiffusionSafetyChecker`` with a tiny CLIP vision tower, thresholds that never flag;
+``TRAINER_SAFETY_CHECKER``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from trainer.utils.atomic import atomic_dir
 logger = logging.getLogger(__name__)
 
 TINY_NAMES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+TINY_REFINER = "tiny-sdxl-refiner"
+TINY_SAFETY_CHECKER = "tiny-safety-checker"
 #: Bump when the fixtures change so that stale caches are rebuilt.
 TINY_VERSION = 2
 EOS_ID = 49407
@@ -147,15 +154,87 @@ def build_tiny_sdxl(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def build_tiny_sdxl_refiner(folder: Path) -> None:
+    """An SDXL refiner (img2img, second text encoder only, aesthetic-score conditioning) sized to fit ``tiny-sdxl``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from trainer.models.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(1)
+    te2_dim, time_dim = 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        # The refiner conditions on five numbers (size, crop, aesthetic score) and reads CLIP-G alone.
+        projection_class_embeddings_input_dim=5 * time_dim + te2_dim,
+        cross_attention_dim=te2_dim,
+        norm_num_groups=32,
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(te2_dim, projection_dim=te2_dim, pad_token_id=0))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tokenizer_2_src", pad_token="!"))
+    scheduler = EulerDiscreteScheduler(
+        interpolation_type="linear", timestep_spacing="leading", use_karras_sigmas=False, **_SCHEDULER_KW
+    )
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=_vae(), text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    pipe.vae.register_to_config(scaling_factor=0.13025)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_safety_checker(folder: Path, *, flag_everything: bool = False) -> None:
+    """diffusers' safety checker with a tiny CLIP vision tower, and its image processor.
+
+    Its random concept vectors mean nothing, so the thresholds decide: 1 (a cosine similarity never exceeds it) flags
+    nothing; ``flag_everything`` sets them below -1, so every image is flagged (for tests of the flagged path).
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessorPil
+
+    torch.manual_seed(2)
+    config = CLIPConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+        threshold = -2.0 if flag_everything else 1.0
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    checker.save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+_BUILDERS = {"tiny-sd15": build_tiny_sd15, "tiny-sdxl": build_tiny_sdxl, TINY_REFINER: build_tiny_sdxl_refiner,
+             TINY_SAFETY_CHECKER: build_tiny_safety_checker}
+
+
 def tiny_model_dir(name: str, cache_dir: Path) -> Path:
-    """The folder of the named tiny pipeline, built on first use (atomically, so parallel builders are safe)."""
-    if name not in TINY_NAMES:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_NAMES)}")
+    """The folder of the named tiny model, built on first use (atomically, so parallel builders are safe)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(_BUILDERS)}")
     folder = Path(cache_dir) / "tiny" / f"{name}-v{TINY_VERSION}"
-    if (folder / "model_index.json").is_file():
+    if (folder / "model_index.json").is_file() or (folder / "preprocessor_config.json").is_file():
         return folder
     logger.info("building the %s test fixture in %s", name, folder)
-    builder = build_tiny_sd15 if TINY_NAMES[name] == "sd15" else build_tiny_sdxl
+    builder = _BUILDERS[name]
     # fork_rng: building must not change the caller's random state (runs would differ on a fresh cache).
     with torch.random.fork_rng(devices=[]), atomic_dir(folder, replace=False) as tmp:
         builder(tmp)

@@ -81,7 +81,9 @@ class LocalServers:
         self.out = out
         self.env = {"TRAINER_WORK_DIR": str(out / "work")}
         if args.tiny:
-            self.env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+            # Offline: the tiny safety checker, named like the tiny base model (it never flags).
+            self.env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                             "TRAINER_SAFETY_CHECKER": "tiny-safety-checker"})
 
     def start(self, mode: str, extra_env: dict | None = None) -> CogServer:
         ref = "train.py:train" if mode == "train" else "predict.py:Predictor"
