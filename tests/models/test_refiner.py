@@ -101,6 +101,25 @@ def test_a_refiner_url_is_downloaded_once_into_the_cache(base, refiner_folder, r
         assert torch.equal(second.unet.state_dict()[key], value), key
 
 
+def test_a_refiner_url_that_is_not_a_refiner_leaves_nothing_in_the_cache(base, model_cache, tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    save_single_file(tiny_model_dir("tiny-sdxl", model_cache), served / "base.safetensors")
+    with FileServer(served) as server:
+        monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, server.address)
+        with pytest.raises(ValueError, match=r"base\.safetensors is not an SDXL refiner checkpoint"):
+            _load(resolve_refiner(server.url("base.safetensors")), base, tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_a_refiner_url_at_an_internal_address_is_refused_without_the_allowance(base, tmp_path, monkeypatch):
+    """The operator's URL goes through the same guarded client as a request's: no exception for internal hosts."""
+    monkeypatch.delenv(ENV_ALLOW_PRIVATE_HOSTS, raising=False)
+    with pytest.raises(ValueError, match="169.254.169.254 is a link-local address"):
+        _load(resolve_refiner("http://169.254.169.254/refiner.safetensors"), base, tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
 def test_a_base_model_is_not_a_refiner(base, model_cache, tmp_path):
     with pytest.raises(ValueError, match="is a StableDiffusionXLPipeline model, not an SDXL refiner"):
         _load(RefinerSource("diffusers_dir", str(tiny_model_dir("tiny-sdxl", model_cache))), base, model_cache)

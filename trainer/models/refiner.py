@@ -25,6 +25,7 @@ from trainer.models.loading import (
     SINGLE_FILE_SUFFIXES,
     _checkpoint_keys,
     download_checkpoint,
+    forget_download,
 )
 from trainer.models.tiny import TINY_REFINER, tiny_model_dir
 
@@ -95,7 +96,12 @@ def load_refiner(source: RefinerSource, *, vae, text_encoder_2, dtype: torch.dty
             raise ValueError(f"could not load the refiner {location!r} from the Hugging Face hub: {error}") from None
     else:
         path = Path(location)
-        _check_refiner_keys(path)
+        try:
+            _check_refiner_keys(path)
+        except ValueError:
+            if source.kind == "url":
+                forget_download(path)  # not a refiner: nothing of it stays in the cache
+            raise
         config = single_file_config or DEFAULT_REFINER
         try:
             pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(str(path), config=config, **shared)
