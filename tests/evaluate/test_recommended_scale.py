@@ -60,6 +60,15 @@ def test_unreadable_and_oversized_reports_are_ignored(tmp_path, monkeypatch, cap
     assert recommended_scale(tmp_path, 10) is None
 
 
+def test_a_deeply_nested_report_is_ignored(tmp_path, caplog):
+    """The report comes from the zip, so from the request: JSON nested 100,000 deep is a warning, not a crash."""
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "report.json").write_text("[" * 100_000 + "]" * 100_000)
+    with caplog.at_level("WARNING"):
+        assert recommended_scale(tmp_path, 10) is None
+    assert "nested too deeply" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def evaluated_zip(tmp_path_factory, model_cache, tiny_clip):
     """A tiny SD1.5 run trained with evaluate_checkpoints at the single scale 0.5: the zip recommends 0.5."""

@@ -33,6 +33,10 @@ def recommended_scale(folder: Path, delivered_step: int | None) -> float | None:
             raise ValueError(f"over {MAX_REPORT_BYTES >> 20} MiB")
         report = json.loads(path.read_text(encoding="utf-8"))
         scale = _scale_for(report, delivered_step)
+    except RecursionError:
+        # A hostile zip's report nested thousands deep: json gives no JSONDecodeError for that.
+        logger.warning("ignoring the evaluation report in %s (nested too deeply to read)", Path(folder).name)
+        return None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         logger.warning("ignoring the evaluation report in %s (%s)", Path(folder).name, error)
         return None
