@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import uuid
 import zipfile
@@ -163,11 +164,31 @@ def test_prediction_server_with_cog_weights_url(trained, file_server, trained_sd
     assert "ready with the LoRA from" in (tmp_path / "server.log").read_text()
 
 
+def _shells() -> list[list[str]]:
+    """How users start the script: Eden's README types `sh cog_test_train.sh` (dash on Debian), others `bash` or `./`."""
+    shells = [["sh"], ["bash"], []]
+    if shutil.which("dash"):
+        shells.append(["dash"])
+    return shells
+
+
+@pytest.mark.parametrize("shell", _shells(), ids=lambda s: " ".join(s) or "./")
+def test_the_smoke_script_starts_under_every_shell(shell, tmp_path):
+    """`sh cog_test_train.sh --help` must not stop at a bash-only line (dash refuses `set -o pipefail`)."""
+    script = REPO_ROOT / "cog_test_train.sh"
+    # Started from another folder: the script must find the repository by itself.
+    result = subprocess.run([*shell, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: cog_test_train.sh" in result.stdout and "--tiny" in result.stdout
+    assert result.stderr == ""
+
+
 def test_the_smoke_script_runs_the_main_job_offline(model_cache, tmp_path):
-    """`./cog_test_train.sh --tiny` (the README's main command): train, then predict, through the real server."""
+    """`sh cog_test_train.sh --tiny` (the README's main command, typed as Eden's README types it): train, then
+    predict, through the real server."""
     out = tmp_path / "smoke"
     env = {**os.environ, "TRAINER_MODEL_CACHE": str(model_cache)}
-    result = subprocess.run([str(REPO_ROOT / "cog_test_train.sh"), "--tiny", "--steps", "2", "--out", str(out)],
+    result = subprocess.run(["sh", str(REPO_ROOT / "cog_test_train.sh"), "--tiny", "--steps", "2", "--out", str(out)],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "POST /trainings" in result.stdout and "POST /predictions" in result.stdout

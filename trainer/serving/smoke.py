@@ -1,4 +1,4 @@
-"""``./cog_test_train.sh``: train through the real cog server on the repo's sample images, then predict with the zip.
+"""``sh cog_test_train.sh``: train through the real cog server on the repo's sample images, then predict with the zip.
 
 Two ways to reach a server:
 
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="./cog_test_train.sh", description=__doc__,
+    parser = argparse.ArgumentParser(prog="cog_test_train.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="offline: the tiny SDXL test model on the CPU (about a minute, no downloads)")
