@@ -8,9 +8,13 @@ attribute docstring: the README's parameter table is generated from them (``pyth
 
 from __future__ import annotations
 
+import logging
+import string
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
 
 CONCEPT_MODES = ("face", "style", "object")
 
@@ -20,6 +24,42 @@ SIZE_MULTIPLE = 64
 
 def default_token_list(n_tokens: int) -> list[str]:
     return [f"<s{i}>" for i in range(n_tokens)]
+
+
+#: Characters Eden's ``remove_delimiter_characters`` (trainer/checkpoint.py) turns into ``_`` in a run name.
+_NAME_DELIMITERS = ' /\\:*?"<>|'
+#: Eden keeps the first 40 characters of the name it takes from the training URL (trainer/config.py).
+EDEN_NAME_CHARS = 40
+
+
+def run_name_from_urls(urls: Union[str, list[str]]) -> Optional[str]:
+    """Eden's default run name: the last path part of ``lora_training_urls``, cut to 40 characters, delimiters as
+    ``_`` (``TrainingConfig.__init__`` in Eden's trainer/config.py). A query string or fragment is dropped first, so
+    that a presigned URL's signature never becomes part of file names. ``None`` when nothing is left."""
+    raw = urls if isinstance(urls, str) else (str(urls[-1]) if urls else "")
+    raw = raw.strip().split("#", 1)[0].split("?", 1)[0]
+    name = raw.rsplit("/", 1)[-1][:EDEN_NAME_CHARS]
+    for char in _NAME_DELIMITERS:
+        name = name.replace(char, "_")
+    return name if name.strip("_. ") else None
+
+
+def check_prompt_template(template: str) -> None:
+    """``prompt_modifier`` is a ``str.format`` template with the caption as its only argument (Eden applies
+    ``template.format(caption)``); refuse templates that would fail or reach into the caption object."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"prompt_modifier {template!r} is not a valid template ({error}); write {{}} where the "
+                         "caption goes and {{ }} for literal braces") from None
+    bad = [name for name in fields if name not in ("", "0")]
+    if bad:
+        raise ValueError(f"prompt_modifier {template!r} may only use {{}} (the caption), got {{{bad[0]}}}; write "
+                         "{{ }} for literal braces")
+    try:
+        template.format("caption")
+    except (ValueError, IndexError) as error:
+        raise ValueError(f"prompt_modifier {template!r} is not a valid template ({error})") from None
 
 
 class TrainingConfig(BaseModel):
@@ -38,22 +78,34 @@ class TrainingConfig(BaseModel):
     http(s) URL, an `s3://bucket/key` or `s3://bucket/prefix/`, or a local file or folder. Zip and tar archives,
     single images and nested folders are unpacked."""
 
-    concept_mode: Literal["face", "style", "object"]
+    concept_mode: Literal["face", "style", "object"] = "style"
     """What the LoRA learns: a `face` (person or character), a `style` (the look of a collection) or an `object`.
-    Sets the trigger placement in captions, masking, flips and the token initialisation."""
+    Sets the trigger placement in captions, masking, flips and the token initialisation. `style` when not given, as
+    Eden's cog model defaults."""
 
     caption_prefix: str = ""
-    """Hard-coded caption prefix put before every caption (after the trigger). Empty to disable."""
+    """Text that replaces the automatic trigger in front of every caption, as Eden's: `<prefix>, <caption>`, and
+    `TOK, ` in front of that when the prefix does not name the trigger (`a photo of TOK` gives
+    `a photo of TOK, <caption>`). Empty: the trigger per concept mode (`TOK, <caption>`, or
+    `in the style of TOK, <caption>` for styles)."""
+
+    caption_trigger: Literal["eden", "where_given"] = "eden"
+    """Where the trigger goes in the training captions. `eden`: Eden's placement (see `caption_prefix`), in front of
+    every caption, also one that names the trigger already. `where_given`: a caption or prefix that names the
+    trigger keeps it where it is, without a second one in front."""
 
     prompt_modifier: Optional[str] = None
-    """Extra text appended to every training caption and sampling prompt."""
+    """A `str.format` template applied to every training caption and sampling prompt, as Eden does: `{}` stands for
+    the caption, so `{} in pixel art` turns `TOK, a cat` into `TOK, a cat in pixel art`. A template without `{}`
+    replaces every caption by its text (Eden's rule; a warning says so)."""
 
     caption_model: Literal["gpt4-v", "blip", "florence", "no_caption"] = "florence"
     """Model that captions images that have no caption of their own. `no_caption` leaves them with the trigger
     only."""
 
     caption_dropout: float = 0.1
-    """Fraction of training samples whose caption is replaced by the empty prompt (robustness, CFG)."""
+    """Fraction of training samples whose caption is replaced by the trigger tokens alone (`<s0><s1><s2>`), as
+    Eden's. With `disable_ti` there are no trigger tokens and the dropped caption is empty."""
 
     caption_model_path: Optional[str] = None
     """The captioning model: a hub id or local folder for `blip` (default `Salesforce/blip-image-captioning-large`)
@@ -97,18 +149,22 @@ class TrainingConfig(BaseModel):
 
     # -------------------------------------------------------------------------------------------------- sizes
     resolution: int = 512
-    """Training resolution: images are trained at about resolution² pixels. Multiple of 64."""
+    """Training resolution: images are trained at about resolution² pixels at the mean aspect ratio (width / height)
+    of the training images, each side rounded to the nearest multiple of 64, as Eden computes it (512 with images of
+    mean aspect 1.33 trains at 576×448). A value that is not a multiple of 64 is accepted with a warning giving the
+    size used."""
 
     validation_img_size: Optional[Union[int, list[int]]] = None
-    """Sample image size: an int gives about that² pixels at the training aspect ratio, `[width, height]` an exact
-    size, `None` the training size (1024 for SDXL and 512 for SD1.5 when training smaller)."""
+    """Sample image size: an int gives about that² pixels at the training aspect ratio, `[width, height]` that size;
+    every side is rounded to the nearest multiple of 64, as in Eden. `None`: 1024 for SDXL, 768 for SD1.5."""
 
     train_img_size: Optional[list[int]] = None
-    """Exact training size `[width, height]` (or `[side]`). Overrides `resolution` and `train_aspect_ratio`."""
+    """Exact training size `[width, height]` (or `[side]`), overriding the size Eden computes from `resolution` and
+    the images (Eden itself always computes it)."""
 
     train_aspect_ratio: Optional[float] = None
-    """Force one training aspect ratio (width / height) at about resolution² pixels. `None` is square, unless
-    `aspect_ratio_bucketing` is on."""
+    """Force one training aspect ratio (width / height) at about resolution² pixels. `None`: the mean aspect ratio
+    of the training images (Eden's rule), unless `aspect_ratio_bucketing` is on."""
 
     aspect_ratio_bucketing: bool = False
     """Train each image near its own aspect ratio: images are grouped into buckets of about resolution² pixels and
@@ -119,15 +175,22 @@ class TrainingConfig(BaseModel):
     """Images per step (per device, before gradient accumulation)."""
 
     max_train_steps: Optional[int] = 300
-    """Number of optimisation steps. When both this and `num_train_epochs` are given, this wins (as in the Eden
-    trainer); set only `num_train_epochs` to train by epochs."""
+    """Number of optimisation steps. It always wins over `num_train_epochs`, as in Eden (which derives the epochs
+    from it); set it to `null` explicitly to train by `num_train_epochs` instead."""
 
     num_train_epochs: Optional[int] = None
-    """Train for this many passes over the data instead of `max_train_steps`."""
+    """Passes over the data. As in Eden, only used when `max_train_steps` is explicitly `null`; otherwise it is
+    derived from `max_train_steps` and written back."""
 
     checkpointing_steps: int = 10000
     """Save a checkpoint (LoRA, embeddings, resumable state, samples) every N steps; one is always saved at the
-    end. 0 saves only at the end."""
+    end. With `checkpoint_rule: eden` (the default) the steps counted are 0, N, 2N, ... that lie more than 25 steps
+    before the end, and 0 means every `max_train_steps` (so only step 0), as in Eden."""
+
+    checkpoint_rule: Literal["eden", "every"] = "eden"
+    """When intermediate checkpoints are saved. `eden`: Eden's rule, at step 0 (before training, the baseline
+    samples), N, 2N, ... while more than 25 steps remain. `every`: every N steps up to the end, none at step 0, and
+    `checkpointing_steps: 0` saves only at the end."""
 
     max_checkpoints: Optional[int] = None
     """Keep at most this many intermediate checkpoints (oldest removed first). `None` keeps all."""
@@ -147,7 +210,10 @@ class TrainingConfig(BaseModel):
     """Optimiser for the UNet (LoRA or full). `AdamW8bit` needs bitsandbytes on a CUDA device."""
 
     unet_lr_warmup_steps: Optional[int] = None
-    """Steps of linear warm-up of the UNet learning rate. `None` means 0."""
+    """Warm-up of the UNet learning rate. With `lr_scheduler: eden` the rate grows exponentially from a cold rate
+    (5e-5; 2e-4 with `disable_ti`; 1e-5 for a full fine-tune) by (unet_lr / cold)^(step / this), as Eden's, and
+    `None` spreads that over the whole run (`max_train_steps`). With another `lr_scheduler`: steps of linear
+    warm-up, `None` meaning 0."""
 
     unet_lr: float = 0.0003
     """UNet learning rate (AdamW). Prodigy runs at lr 1.0 and adapts; see `prodigy_d_coef`."""
@@ -165,21 +231,24 @@ class TrainingConfig(BaseModel):
     """LoRA rank of the UNet adapters."""
 
     lora_alpha_multiplier: float = 1.0
-    """LoRA alpha = `lora_rank` × this. The exported file carries this true alpha."""
+    """LoRA alpha = rank × this, for the UNet LoRA (`lora_rank`) and the text-encoder LoRA
+    (`text_encoder_lora_rank`), as Eden's. The exported files carry these true alphas."""
 
     use_dora: bool = False
-    """Train DoRA (weight-decomposed LoRA) instead of plain LoRA."""
+    """Train DoRA (weight-decomposed LoRA) instead of plain LoRA. As in Eden, it sets `l1_penalty`,
+    `lora_weight_decay` and `text_encoder_lora_weight_decay` to 0."""
 
     freeze_unet_before_completion_f: float = 0.0
-    """Stop training the UNet this fraction of the steps before the end (the tail trains only what else is on)."""
+    """The UNet stays frozen until this fraction of the run is done and trains from there to the end (Eden's
+    meaning: 0.3 trains it over the last 70%)."""
 
     l1_penalty: float = 0.03
     """L1 penalty on the LoRA weights (mean absolute value of the LoRA matrices, times this), for sparsity."""
 
     # ---------------------------------------------------------------------------------------------- tokens
     disable_ti: bool = False
-    """Do not learn new tokens: the trigger stays a plain word in captions and prompts (DreamBooth style) and
-    only the LoRA trains."""
+    """Do not learn new tokens: only the LoRA trains. As in Eden, no trigger is added to the captions and the
+    trigger word is removed from them (so a style LoRA trains on the plain captions)."""
 
     n_tokens: int = 3
     """Number of new token vectors standing for `TOK` (per text encoder)."""
@@ -203,13 +272,15 @@ class TrainingConfig(BaseModel):
     tokens; its vector count must equal `n_tokens`."""
 
     ti_lr: float = 0.001
-    """Learning rate of the new token embeddings."""
+    """Learning rate of the new token embeddings. With `lr_scheduler: eden` it decays over the run as
+    ti_lr × (1 − f)^1.7 (f: the fraction of the run done), as Eden's."""
 
     ti_lr_warmup_steps: int = 0
     """Steps of linear warm-up of the token learning rate."""
 
     ti_optimizer: Literal["adamw", "prodigy"] = "adamw"
-    """Optimiser for the new token embeddings (its state covers only the new rows)."""
+    """Optimiser for the new token embeddings (its state covers only the new rows). With `lr_scheduler: eden`,
+    Prodigy runs at its own rate for the whole run, without the pivot, as in Eden."""
 
     ti_weight_decay: float = 0.0
     """Weight decay of the new token embeddings."""
@@ -218,15 +289,16 @@ class TrainingConfig(BaseModel):
     """First steps during which only the token embeddings train (the UNet and text-encoder LoRA wait)."""
 
     freeze_ti_after_completion_f: float = 0.7
-    """The pivot: token embeddings stop training after this fraction of the steps. From then on, text-encoder
-    outputs are cached when nothing else in the text side trains."""
+    """The pivot: token embeddings stop training once more than this fraction of the run is done. From then on,
+    text-encoder outputs are cached when nothing else in the text side trains."""
 
     # -------------------------------------------------------------------------------------- text-encoder LoRA
     text_encoder_lora_optimizer: Optional[Literal["adamw"]] = None
     """Set to `adamw` to also train LoRA adapters in the text encoder(s). `None` skips them."""
 
     text_encoder_lora_lr: float = 1.0e-5
-    """Learning rate of the text-encoder LoRA."""
+    """Learning rate of the text-encoder LoRA, which trains to the end of the run. With `lr_scheduler: eden` it
+    decays as lr × (1 − f)^2 (f: the fraction of the run done) after its warm-up, as Eden's."""
 
     txt_encoders_lr_warmup_steps: int = 200
     """Steps of linear warm-up of the text-encoder LoRA learning rate."""
@@ -235,13 +307,14 @@ class TrainingConfig(BaseModel):
     """Weight decay of the text-encoder LoRA."""
 
     text_encoder_lora_rank: int = 16
-    """LoRA rank of the text-encoder adapters."""
+    """LoRA rank of the text-encoder adapters (their alpha is this × `lora_alpha_multiplier`)."""
 
     # ---------------------------------------------------------------------------------- optimisation shared
     lr_scheduler: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
-    ] = "constant"
-    """Learning-rate schedule after warm-up, applied to every optimiser (each with its own warm-up)."""
+        "eden", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "eden"
+    """Learning-rate schedules. `eden`: Eden's, one per part (see `unet_lr_warmup_steps`, `ti_lr`,
+    `text_encoder_lora_lr`). The others apply one schedule to every optimiser after its own linear warm-up."""
 
     max_grad_norm: Optional[float] = None
     """Clip the gradient norm of each parameter group to this value. `None` does not clip."""
@@ -295,13 +368,16 @@ class TrainingConfig(BaseModel):
     """Add augmented copies (crops, flips) until the dataset has at least this many images. 0 disables it."""
 
     mask_target_prompts: Optional[str] = None
-    """Text prompts for CLIPSeg masks (for example `a face`); the masks weight the loss and guide the crops."""
+    """Text prompts for CLIPSeg masks (for example `a face`); the masks weight the loss and guide the crops. `None`:
+    `face` in face mode and no mask otherwise, as in Eden (which also ignores prompts given in style mode and
+    replaces them by `face` in face mode; here a given prompt is used)."""
 
     crop_based_on_salience: bool = True
     """Crop around the mask or a saliency map instead of the centre."""
 
     use_face_detection_instead: bool = False
-    """Use a face detector instead of CLIPSeg to make the masks (face mode does so by default)."""
+    """Use a face detector instead of CLIPSeg to make the masks (face mode masks with CLIPSeg `face` otherwise, as
+    Eden's)."""
 
     clipseg_temperature: float = 0.5
     """Softness of the CLIPSeg masks: higher gives softer masks."""
@@ -314,7 +390,7 @@ class TrainingConfig(BaseModel):
     """Sample images generated with the trained tokens at each checkpoint and at the end (0 disables)."""
 
     sample_imgs_lora_scale: Optional[float] = None
-    """LoRA scale for the sample images. `None` is 1.0."""
+    """LoRA scale for the sample images. `None` (or 0, as in Eden): 0.75 for SDXL, 0.85 for SD1.5."""
 
     validation_prompts: Optional[list[str]] = None
     """Prompts for the sample images (use `TOK`). Default: a set per concept mode."""
@@ -363,14 +439,17 @@ class TrainingConfig(BaseModel):
 
     # ------------------------------------------------------------------------------------------------ run
     name: Optional[str] = None
-    """Name of the run and of the output files. Default: derived from the concept mode and the time."""
+    """Name of the run and of the output files. Default: as in Eden, the last part of `lora_training_urls` (at most
+    40 characters, `xander.zip` for `https://host/sets/xander.zip`); the concept mode when that is empty."""
 
     output_dir: str = "eden_lora_training_runs"
     """Folder under which each run gets its own folder."""
 
     device: str = "auto"
     """`auto`, `cpu`, `cuda[:N]`, `xpu[:N]` or `mps`. `auto` picks cuda, then xpu, then mps, then cpu. (The XPU
-    fork defaulted to `xpu:0`; `auto` gives the same on an XPU machine and still runs elsewhere.)"""
+    fork defaulted to `xpu:0`; `auto` gives the same on an XPU machine and still runs elsewhere.) A `cuda:N` or
+    `xpu:N` that this machine lacks, as Eden's saved `training_args.json` files carry (Eden ignores it and picks
+    the best GPU), becomes `auto` with a warning when the file is loaded."""
 
     weight_type: Literal["fp16", "bf16", "fp32"] = "bf16"
     """Precision of the frozen weights and of autocast. Trainable weights stay fp32. Falls back, with a warning,
@@ -457,6 +536,38 @@ class TrainingConfig(BaseModel):
             raise ValueError("evaluation_images_per_prompt must be >= 1 (images per prompt, checkpoint and scale)")
         return value
 
+    @field_validator("prompt_modifier")
+    @classmethod
+    def _prompt_template(cls, value: Optional[str]) -> Optional[str]:
+        if value:
+            check_prompt_template(value)
+            if "{" not in value.replace("{{", ""):
+                logger.warning("prompt_modifier %r has no {} placeholder: as in Eden (str.format), every caption "
+                               "and sample prompt becomes %r", value, value.format())
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_rounds(cls, value: int) -> int:
+        if value >= SIZE_MULTIPLE and value % SIZE_MULTIPLE:
+            used = max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+            logger.warning("resolution %d is not a multiple of %d: as in Eden, each side of the training size is "
+                           "rounded to one (%dx%d for square images)", value, SIZE_MULTIPLE, used, used)
+        return value
+
+    @field_validator("validation_img_size", mode="before")
+    @classmethod
+    def _validation_size_rounds(cls, value: Any) -> Any:
+        if value == 0:
+            return None  # Eden: `if not config.validation_img_size` takes the model's default
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+            used = [max(SIZE_MULTIPLE, round(v / SIZE_MULTIPLE) * SIZE_MULTIPLE) for v in value]
+            if used != list(value):
+                logger.warning("validation_img_size %s rounded to %s: as in Eden, every side is a multiple of %d",
+                               list(value), used, SIZE_MULTIPLE)
+            return used
+        return value
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainingConfig:
         errors: list[str] = []
@@ -521,8 +632,8 @@ class TrainingConfig(BaseModel):
 
         # Sizes.
         check(
-            self.resolution >= SIZE_MULTIPLE and self.resolution % SIZE_MULTIPLE == 0,
-            f"resolution must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}, got {self.resolution}",
+            self.resolution >= SIZE_MULTIPLE,
+            f"resolution must be at least {SIZE_MULTIPLE}, got {self.resolution}",
         )
         if self.train_img_size is not None:
             size = self.train_img_size
@@ -533,13 +644,13 @@ class TrainingConfig(BaseModel):
         if isinstance(self.validation_img_size, list):
             size = self.validation_img_size
             check(
-                len(size) == 2 and all(s >= 8 and s % 8 == 0 for s in size),
-                f"validation_img_size as a list must be [width, height] with multiples of 8, got {size}",
+                len(size) == 2 and all(s >= 8 for s in size),
+                f"validation_img_size as a list must be [width, height] of at least 8 each, got {size}",
             )
         elif self.validation_img_size is not None:
             check(
-                self.validation_img_size >= 8 and self.validation_img_size % 8 == 0,
-                f"validation_img_size must be a multiple of 8, got {self.validation_img_size}",
+                self.validation_img_size >= 8,
+                f"validation_img_size must be at least 8, got {self.validation_img_size}",
             )
         check(
             self.train_aspect_ratio is None or 0.25 <= self.train_aspect_ratio <= 4.0,
@@ -584,6 +695,17 @@ class TrainingConfig(BaseModel):
             raise ValueError("; ".join(errors))
         return self
 
+    @model_validator(mode="after")
+    def _eden_dora_settings(self) -> TrainingConfig:
+        # Eden's TrainingConfig.__init__: DoRA trains without the L1 penalty and the LoRA weight decays.
+        if self.use_dora:
+            fields = ("l1_penalty", "lora_weight_decay", "text_encoder_lora_weight_decay")
+            zeroed = [f for f in fields if getattr(self, f)]
+            if zeroed:
+                logger.info("use_dora: %s set to 0, as in Eden", ", ".join(zeroed))
+            self.l1_penalty = self.lora_weight_decay = self.text_encoder_lora_weight_decay = 0.0
+        return self
+
     def _derive_tokens(self, errors: list[str]) -> None:
         explicit = self.model_fields_set
         if self.disable_ti:
@@ -625,6 +747,11 @@ class TrainingConfig(BaseModel):
     def trigger(self) -> str:
         """The word captions and prompts use for the concept (the first key of `token_dict`)."""
         return next(iter(self.token_dict)) if self.token_dict else "TOK"
+
+    @property
+    def run_name(self) -> str:
+        """The run's name: `name`, else Eden's (from the training URL), else the concept mode."""
+        return self.name or run_name_from_urls(self.lora_training_urls) or self.concept_mode
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -181,18 +181,12 @@ def _dataset_paths(dataset) -> tuple[list[Path], tuple[int, int] | None]:
 
 def _default_size(training_args: dict, pipeline, train_hw: tuple[int, int] | None) -> tuple[int, int]:
     """(width, height) of the run's sample images: the same rule as ``trainer.outputs.sample_size``."""
-    from trainer.data.sizes import size_for_aspect
+    from trainer.data.sizes import sample_size
 
     configured = training_args.get("validation_img_size")
-    if isinstance(configured, list) and len(configured) == 2:
-        return int(configured[0]), int(configured[1])
-    vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    multiple = vae_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-    native = pipeline.unet.config.sample_size * vae_factor
-    resolution = int(training_args.get("resolution") or native)
-    train_h, train_w = train_hw or (resolution, resolution)
-    side = configured or max(native, int(math.sqrt(train_h * train_w)))
-    height, width = size_for_aspect(side, train_w / train_h, multiple=multiple)
+    version = training_args.get("sd_model_version") or ("sdxl" if hasattr(pipeline, "text_encoder_2") else "sd15")
+    resolution = int(training_args.get("resolution") or 512)
+    height, width = sample_size(configured, version, train_hw or (resolution, resolution))
     return width, height
 
 
