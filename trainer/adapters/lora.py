@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 ADAPTER_NAME = "default"
-#: The attention projections, as in the Eden, cog-sdxl and diffusers pivotal-tuning trainers.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: The attention projections and the second convolution of every ResNet block, as Eden's trainer targets them
+#: (``get_unet_lora_parameters`` in its trainer/optimizer.py).
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv2")
+#: DoRA's targets. Eden's DoRA covers conv2 as well; here the DoRA export handles linear layers only so far.
+UNET_DORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
@@ -36,8 +39,10 @@ def _upcast_trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def add_unet_lora(unet, rank: int, alpha: float, use_dora: bool = False) -> list[nn.Parameter]:
-    """Inject LoRA into the UNet's attention projections; returns the new (fp32, trainable) parameters."""
-    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS, use_dora), adapter_name=ADAPTER_NAME)
+    """Inject LoRA into the UNet's attention projections and ResNet conv2 layers; returns the new (fp32, trainable)
+    parameters."""
+    targets = UNET_DORA_TARGETS if use_dora else UNET_TARGETS
+    unet.add_adapter(lora_config(rank, alpha, targets, use_dora), adapter_name=ADAPTER_NAME)
     return _upcast_trainable(unet)
 
 
