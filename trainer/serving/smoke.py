@@ -54,7 +54,8 @@ def training_inputs(args: argparse.Namespace, images_url: str) -> dict:
     }
     if args.tiny:
         inputs.update({
-            "resolution": 64, "train_batch_size": 2, "n_sample_imgs": 2, "caption_model": "no_caption",
+            "resolution": 64, "train_batch_size": 2, "n_sample_imgs": 2, "validation_img_size": 64,
+            "caption_model": "no_caption",
             "checkpointing_steps": 0,
             "training_args": json.dumps({
                 "ckpt_path": "tiny-sdxl", "device": "cpu", "weight_type": "fp32", "augment_imgs_up_to_n": 8,
