@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,6 @@ EDEN_IGNORED_KEYS = frozenset({
     "checkpoint", "num_training_images", "num_augmented_images", "trigger_text", "segmentation_prompt",
     "trainig_captions",
 })
-#: The device values Eden writes into its saved configs (``cuda:{best gpu}``; the XPU fork's ``xpu:0``). Eden
-#: ignores the value it loads and picks the best GPU; here one this machine lacks becomes ``auto``.
-_EDEN_SAVED_DEVICE = re.compile(r"^\s*(cuda|xpu):\d+\s*$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -110,15 +106,13 @@ def _drop_eden_ignored(data: dict[str, Any]) -> None:
     for key in ignored:
         del data[key]
     notes = [", ".join(ignored)] if ignored else []
-    device = data.get("device")
-    if isinstance(device, str) and (match := _EDEN_SAVED_DEVICE.match(device)):
-        from trainer.device import cuda_device_count, xpu_device_count
+    # Eden's saved configs name the GPU it picked (the XPU fork its default); Eden ignores that value on loading.
+    from trainer.device import is_missing_numbered_gpu
 
-        backend, index = match[1].lower(), int(device.strip().split(":")[1])
-        count = cuda_device_count() if backend == "cuda" else xpu_device_count()
-        if index >= count:
-            data["device"] = "auto"
-            notes.append(f"device {device!r} (not on this machine; using auto)")
+    device = data.get("device")
+    if is_missing_numbered_gpu(device):
+        data["device"] = "auto"
+        notes.append(f"device {device!r} (not on this machine; using auto)")
     if notes:
         logger.warning("ignoring settings of Eden's trainer that mean nothing here: %s", "; ".join(notes))
 
