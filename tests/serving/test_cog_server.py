@@ -73,10 +73,10 @@ def test_training_returns_the_documented_zip_and_reports_progress(trained, train
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"concept_mode": None}, "concept_mode is required: face, style or object"),
+        ({"concept_mode": "faces"}, "concept_mode: Input should be 'face', 'style' or 'object'"),
         ({"training_args": "{unet_lr: 1}"}, "training_args is not valid JSON"),
         ({"training_args": json.dumps({"unet_lrr": 1})}, "unknown key 'unet_lrr' (did you mean 'unet_lr'?)"),
-        ({"resolution": 100}, "resolution must be a multiple of 64"),
+        ({"resolution": 32}, "resolution must be at least 64"),
         ({"max_train_steps": "many"}, "max_train_steps: Input should be a valid integer"),
         ({"lora_training_urls": "/etc/passwd"}, "'/etc/passwd' is a local path, which this server does not read"),
         ({"lora_training_urls": "ftp://example.com/x.zip"}, "unsupported scheme 'ftp://'"),
