@@ -616,7 +616,7 @@ class TrainingConfig(BaseModel):
         )
 
         # Steps vs epochs: at least one, each positive. Eden writes both (it derives the epochs from the steps),
-        # so both being set is allowed and max_train_steps wins unless only the epochs were given explicitly.
+        # so both being set is allowed and max_train_steps wins unless it is explicitly null (Eden's rule).
         check(
             self.max_train_steps is not None or self.num_train_epochs is not None,
             "set max_train_steps or num_train_epochs: both are null",
