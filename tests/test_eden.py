@@ -311,6 +311,10 @@ def test_checkpoints_also_at_step_zero(images, dataset, tmp_path, model_cache):
     # checkpoint-0 holds the untrained adapters: the LoRA up matrices start at zero.
     first = load_file(str(next((result.run_dir / "checkpoints" / "checkpoint-0").glob("*_lora.safetensors"))))
     assert all(torch.count_nonzero(v) == 0 for k, v in first.items() if k.endswith("lora_up.weight"))
+    # The baseline is not a candidate for the checkpoint evaluation's recommendation.
+    from trainer.evaluate.runner import inspect_run
+
+    assert [s for s, _ in inspect_run(result.run_dir)[1]] == [27]
     every = load_config({"lora_training_urls": URL, "checkpointing_steps": 100, "checkpoint_rule": "every"})
     assert [s for s in range(301) if loop.checkpoint_due(every, s, 300)] == [100, 200]
 

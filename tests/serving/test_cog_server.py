@@ -165,7 +165,7 @@ def test_prediction_server_with_cog_weights_url(trained, file_server, trained_sd
 
 
 def _shells() -> list[list[str]]:
-    """How users start the script: Eden's README types `sh cog_test_train.sh` (dash on Debian), others `bash` or `./`."""
+    """How users start the script: Eden's README types `sh cog_test_train.sh` (dash on Debian), others bash or ./."""
     shells = [["sh"], ["bash"], []]
     if shutil.which("dash"):
         shells.append(["dash"])

@@ -145,7 +145,9 @@ def inspect_run(run_dir: Path, steps: list[int] | None = None) -> tuple[dict, li
         raise ValueError(f"{run_dir} has no complete checkpoints ({CHECKPOINTS_DIR}/checkpoint-<step>/ with its "
                          "training state): nothing to evaluate. Let the training finish, or check the folder")
     if steps is None:
-        return training_args, available
+        # checkpoint-0 (Eden's rule saves one before training) holds the untrained tokens: a baseline, not a
+        # candidate to recommend. Asked for by number, it is evaluated like any other.
+        return training_args, [item for item in available if item[0] > 0] or available
     by_step = dict(available)
     missing = sorted({s for s in steps if s not in by_step})
     if missing:
