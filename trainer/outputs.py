@@ -13,6 +13,7 @@ from trainer.data import sizes
 from trainer.data.captions import apply_prompt_modifier
 from trainer.errors import TrainingDiverged
 from trainer.export.bundle import ExportSpec, usage_readme, write_export, write_zip
+from trainer.export.eden import eden_training_attributes, empty_token_rows
 from trainer.export.files import SAVE_DTYPES, safe_name
 from trainer.inference import sampling
 from trainer.session import Session, offload_idle, training_state
@@ -26,6 +27,9 @@ LOSS_PNG = "loss.png"
 def export_spec(session: Session) -> ExportSpec:
     config = session.config
     config.job_time = time.time() - config.start_time  # Eden's field: run time so far, in the exported args
+    captions = [s.caption for s in session.dataset.samples]
+    training_args = config.to_json_dict()
+    training_args["training_attributes"] = eden_training_attributes(config, captions, len(session.dataset))
     return ExportSpec(
         name=safe_name(config.name),
         version=session.models.version,
@@ -35,12 +39,13 @@ def export_spec(session: Session) -> ExportSpec:
         te_alpha=config.text_encoder_lora_rank * config.lora_alpha_multiplier,
         resolution=session.dataset.target_sizes[0],
         n_images=len(session.dataset),
-        captions=[s.caption for s in session.dataset.samples],
+        captions=captions,
         base_model=session.models.source.describe(),
         token_dict=config.token_dict if session.tokens else {config.trigger: config.trigger},
         tokens=config.inserting_list_tokens if session.tokens else [],
-        training_args=config.to_json_dict(),
+        training_args=training_args,
         save_dtype=SAVE_DTYPES[config.save_dtype],
+        base_model_kind=session.models.source.kind,
     )
 
 
@@ -91,7 +96,7 @@ def save_checkpoint(session: Session, step: int, with_samples: bool) -> Path:
         _check_finite_parameters(session, step)
         write_export(
             folder, export_spec(session), unet=session.models.unet, text_encoders=session.models.text_encoders,
-            token_rows=session.tokens.rows() if session.tokens else None, unet_lora=session.config.is_lora,
+            token_rows=_token_rows(session), unet_lora=session.config.is_lora,
             te_lora=session.te_lora, full_unet=not session.config.is_lora,
         )
         if with_samples:
@@ -102,6 +107,11 @@ def save_checkpoint(session: Session, step: int, with_samples: bool) -> Path:
                                      session.config.max_checkpoints, protect={session.total_steps})
     finally:
         session.dist.barrier()
+
+
+def _token_rows(session: Session) -> dict[str, torch.Tensor]:
+    # Without trained tokens the file still exists, empty: Eden's loaders require an embeddings file.
+    return session.tokens.rows() if session.tokens else empty_token_rows(session.models.text_encoders)
 
 
 def _check_finite_parameters(session: Session, step: int) -> None:

@@ -23,11 +23,14 @@ def _load_exported(pipe, result, tokens):
     final = result.final_checkpoint
     pipe.load_lora_weights(str(final), weight_name=f"{name}_lora.safetensors")
     embeddings = load_file(str(final / f"{name}_embeddings.safetensors"))
-    pipe.load_textual_inversion(embeddings["clip_l"], token=tokens, text_encoder=pipe.text_encoder,
-                                tokenizer=pipe.tokenizer)
     if "clip_g" in embeddings:
+        pipe.load_textual_inversion(embeddings["clip_l"], token=tokens, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(embeddings["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2,
                                     tokenizer=pipe.tokenizer_2)
+    else:  # SD1.5: kohya's single key, which InvokeAI's probe needs
+        assert set(embeddings) == {"emb_params"}
+        pipe.load_textual_inversion(embeddings["emb_params"], token=tokens)
 
 
 def _lora_layers(unet) -> set[str]:

@@ -183,6 +183,30 @@ def test_the_smoke_script_starts_under_every_shell(shell, tmp_path):
     assert result.stderr == ""
 
 
+def test_prediction_server_with_edens_tar_as_cog_weights(file_server, trained_sdxl, model_cache, s3_server, tmp_path):
+    """COG_WEIGHTS is the URL of Eden's .tar; the images equal those of our zip of the same weights."""
+    import numpy as np
+
+    from tests.eden_reference import eden_outputs
+
+    edens = eden_outputs(trained_sdxl["session"], tmp_path / "eden")
+    (file_server.folder / edens["tar"].name).write_bytes(edens["tar"].read_bytes())
+    (file_server.folder / "same-weights.zip").write_bytes(trained_sdxl["result"].zip_path.read_bytes())
+    env = {**server_env(model_cache, tmp_path / "work", s3_server), "COG_WEIGHTS": file_server.url(edens["tar"].name)}
+    with CogServer.start(mode="predict", ref="predict.py:Predictor", cwd=REPO_ROOT, env=env,
+                         log_path=tmp_path / "server.log") as server:
+        request = {"prompt": "a photo of TOK", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 5,
+                   "output_format": "png"}
+        pixels = []
+        for extra in ({}, {"lora_url": file_server.url("same-weights.zip")}):
+            result = server.predict({**request, **extra})
+            assert result["status"] == "succeeded", result.get("error")
+            image = Image.open(io.BytesIO(decode_data_url(result["output"][0])))
+            pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+    np.testing.assert_allclose(pixels[0], pixels[1], atol=1.0)
+    assert "ready with the LoRA from" in (tmp_path / "server.log").read_text()
+
+
 def test_the_smoke_script_runs_the_main_job_offline(model_cache, tmp_path):
     """`sh cog_test_train.sh --tiny` (the README's main command, typed as Eden's README types it): train, then
     predict, through the real server."""

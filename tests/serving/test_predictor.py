@@ -137,3 +137,46 @@ def test_predict_signature_matches_the_validation():
         literal = getattr(field.annotation, "__args__", None)
         if declared.choices is not None:
             assert tuple(declared.choices) == literal, name
+
+
+@pytest.fixture(scope="module")
+def served_eden(trained_sdxl, tmp_path_factory):
+    """The same trained weights as Eden's trainer delivers them (tests/eden_reference.py), served over http."""
+    from tests.eden_reference import eden_outputs
+
+    outputs = eden_outputs(trained_sdxl["session"], tmp_path_factory.mktemp("eden"))
+    with FileServer(outputs["tar"].parent.parent) as server:
+        yield {"server": server, **outputs}
+
+
+def test_edens_tar_zip_and_folder_give_the_images_of_our_zip(base_predictor, served_loras, served_eden,
+                                                            monkeypatch):
+    ours = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=served_loras.url("sdxl.zip"), **SMALL))
+    server, root = served_eden["server"], served_eden["tar"].parent.parent
+    for form in ("tar", "zip"):
+        url = server.url(served_eden[form].relative_to(root))
+        edens = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=url, **SMALL))
+        np.testing.assert_allclose(edens, ours, atol=1.0, err_msg=form)
+        assert base_predictor.service.generator.active.layout == "eden"
+
+    folder = str(served_eden["folder"])
+    monkeypatch.delenv(ENV_ALLOW_LOCAL, raising=False)
+    with pytest.raises(ValueError, match="local paths are not accepted here"):
+        base_predictor.run(prompt="a photo of TOK", lora_url=folder, **SMALL)
+    monkeypatch.setenv(ENV_ALLOW_LOCAL, "1")
+    edens = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=folder, **SMALL))
+    np.testing.assert_allclose(edens, ours, atol=1.0)
+
+
+def test_edens_tar_as_weights_at_setup(base_predictor, served_loras, served_eden, tmp_path, monkeypatch, model_cache):
+    """COG_WEIGHTS may name Eden's tar (here a local file, as the operator may set it)."""
+    ours = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=served_loras.url("sdxl.zip"), **SMALL))
+    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
+    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path))
+    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
+    predictor = predict.Predictor()
+    predictor.setup(weights=str(served_eden["tar"]))
+    generator = predictor.service.generator
+    assert generator.version == "sdxl" and generator.active.layout == "eden"
+    assert generator.prompt_text("a photo of TOK") == "a photo of <s0><s1>"
+    np.testing.assert_allclose(_pixels(predictor.run(prompt="a photo of TOK", **SMALL)), ours, atol=1.0)

@@ -13,6 +13,8 @@ import re
 import torch
 
 UNET_PREFIX = "lora_unet"
+#: The DoRA magnitudes' tensor name (LyCORIS' name, read by ComfyUI, A1111/Forge and InvokeAI).
+DORA_SCALE = "dora_scale"
 TE_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
 
 _DOWN = re.compile(r"^down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)$")
@@ -51,8 +53,10 @@ def diffusers_to_sgm(module_path: str, layers_per_block: int) -> str:
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:
-    """'a.b.to_q.lora_A.weight' -> ('a.b.to_q', 'lora_A')."""
-    for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+    """'a.b.to_q.lora_A.weight' -> ('a.b.to_q', 'lora_A'); 'a.b.to_q.dora_scale' -> ('a.b.to_q', 'dora_scale')."""
+    if key.endswith(f".{DORA_SCALE}"):
+        return key[: -len(DORA_SCALE) - 1], DORA_SCALE
+    for part in ("lora_A", "lora_B"):
         marker = f".{part}"
         if marker in key:
             return key[: key.index(marker)], part
@@ -61,12 +65,12 @@ def _split_peft_key(key: str) -> tuple[str, str]:
 
 def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, *,
                   sgm_layers_per_block: int | None = None, dtype: torch.dtype = torch.float16,
-                  text_encoder: bool = False, dora_scales: dict[str, torch.Tensor] | None = None,
-                  ) -> dict[str, torch.Tensor]:
+                  text_encoder: bool = False) -> dict[str, torch.Tensor]:
     """Convert a peft adapter state dict of one model to kohya keys under ``prefix`` with the true ``alpha``.
 
-    DoRA modules get ``dora_scale`` [out, 1] from ``dora_scales`` (see ``dora_scales_for_export``): the value with
-    which ComfyUI and A1111, decomposing on the output axis, rebuild exactly the trained weight.
+    DoRA magnitudes are trained on the input axis (``trainer.adapters.dora``) and are the ``dora_scale`` the clients
+    read as they are. They stay fp32 whatever ``dtype`` is: a trained magnitude differs from the base weight's norm
+    by a small fraction, which fp16 rounding would mostly erase.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -86,9 +90,7 @@ def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, *,
         elif part == "lora_B":
             out[f"{base}.lora_up.weight"] = value.to(dtype).contiguous()
         else:
-            if dora_scales is None or module not in dora_scales:
-                raise ValueError(f"DoRA module {module} needs its export scale (dora_scales_for_export)")
-            out[f"{base}.dora_scale"] = dora_scales[module].to(dtype).contiguous()
+            out[f"{base}.{DORA_SCALE}"] = value.contiguous()
     return out
 
 
@@ -104,7 +106,7 @@ def check_kohya_state(state: dict[str, torch.Tensor]) -> None:
         module, _, suffix = key.partition(".")
         if not module.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
             raise ValueError(f"LoRA file holds a non-LoRA key {key!r}")
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale"):
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha", DORA_SCALE):
             raise ValueError(f"LoRA file holds an unexpected tensor {key!r}")
         modules.setdefault(module, set()).add(suffix)
     for module, parts in modules.items():
@@ -114,3 +116,8 @@ def check_kohya_state(state: dict[str, torch.Tensor]) -> None:
         down, up = state[f"{module}.lora_down.weight"], state[f"{module}.lora_up.weight"]
         if down.shape[0] != up.shape[1]:
             raise ValueError(f"LoRA module {module}: rank of down {tuple(down.shape)} and up {tuple(up.shape)} differ")
+        scale = state.get(f"{module}.{DORA_SCALE}")
+        # Input axis: [1, in] (linear) or [1, in, 1, 1] (conv), which every client reads per input column.
+        if scale is not None and tuple(scale.shape) != (1, down.shape[1], *[1] * (down.dim() - 2)):
+            raise ValueError(f"LoRA module {module}: dora_scale {tuple(scale.shape)} is not on the input axis of "
+                             f"down {tuple(down.shape)}")

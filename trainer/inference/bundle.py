@@ -1,4 +1,5 @@
-"""A trained LoRA as delivered: a zip (from train.py or ``python -m trainer``) or a checkpoint folder.
+"""A trained LoRA as delivered: a zip (from train.py or ``python -m trainer``) or a checkpoint folder, or Eden's
+``.tar`` or folder (see :mod:`trainer.inference.eden_layout`).
 
 It names its base model (``training_args.json``), its tokens (``special_params.json``) and its weight files, so a
 predictor can rebuild the trained model from it alone.
@@ -14,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from trainer.export.files import find_artifacts
+from trainer.inference import eden_layout
 from trainer.models.loading import ModelSource, resolve_source
 from trainer.utils.atomic import atomic_dir
 
@@ -33,6 +34,10 @@ class LoraBundle:
     token_dict: dict[str, str]
     training_args: dict
     version: str
+    layout: str = eden_layout.OURS
+    """``ours`` or ``eden``: whose file names, key names and token rule the folder follows."""
+    token_names: list[str] | None = None
+    """The tokens of the embedding rows when the layout fixes them (Eden: ``<s0>``, ``<s1>``, ...)."""
 
     @property
     def trigger(self) -> str:
@@ -44,8 +49,11 @@ class LoraBundle:
 
     @property
     def tokens(self) -> list[str]:
-        tokens = self.training_args.get("inserting_list_tokens") or []
-        return tokens if self.embeddings is not None else []
+        if self.embeddings is None:
+            return []
+        if self.token_names is not None:
+            return self.token_names
+        return self.training_args.get("inserting_list_tokens") or []
 
     def base_source(self, cache_dir: Path, override: str | None = None) -> ModelSource:
         """The model this LoRA was trained on (or ``override``, for example a local copy of it)."""
@@ -56,32 +64,46 @@ class LoraBundle:
 
     @classmethod
     def open(cls, path: Path, work_dir: Path | None = None) -> LoraBundle:
-        """Open a checkpoint folder, an unpacked bundle, or a zip (unpacked into ``work_dir``)."""
+        """Open a checkpoint folder, an unpacked bundle, a zip or an Eden ``.tar`` (unpacked into ``work_dir``)."""
         path = Path(path)
+        label = None
         if path.is_file():
-            if not zipfile.is_zipfile(path):
-                raise ValueError(f"{path.name} is not a zip file; expected the zip a training produced")
+            label = path.name
+            kind = eden_layout.archive_kind(path)
+            if kind is None:
+                raise ValueError(f"{path.name} is not a zip file (nor a tar archive); expected the zip a training "
+                                 "produced, or the .tar of Eden's trainer")
             target = Path(work_dir or path.parent) / f"{path.stem}-{_digest(path)}"
             if not target.is_dir():
                 with atomic_dir(target, replace=False) as tmp:
-                    extract_zip(path, tmp)
+                    if kind == "zip":
+                        extract_zip(path, tmp)
+                    else:
+                        eden_layout.extract_tar(path, tmp, max_bytes=MAX_BUNDLE_BYTES, kind=kind)
             path = target
         if not path.is_dir():
             raise ValueError(f"{path} does not exist")
-        artifacts = find_artifacts(path)
-        if artifacts["training_args"] is None or artifacts["special_params"] is None:
-            raise ValueError(
-                f"{path.name} is not a trained LoRA bundle: training_args.json and special_params.json are required"
-            )
-        if artifacts["lora"] is None and artifacts["unet"] is None and artifacts["embeddings"] is None:
+        path = eden_layout.bundle_root(path)
+        files = eden_layout.find_bundle_files(path, label)
+        training_args = json.loads(files.training_args.read_text(encoding="utf-8"))
+        token_dict = json.loads(files.special_params.read_text(encoding="utf-8"))
+        embeddings, token_names = files.embeddings, None
+        if embeddings is not None:
+            rows = eden_layout.embedding_rows(embeddings)
+            if rows == 0:
+                embeddings = None  # a run without new tokens: the file is there for Eden's loaders only
+            elif files.layout == eden_layout.EDEN:
+                token_names = eden_layout.eden_tokens(rows)
+        if files.lora is None and files.unet_dir is None and embeddings is None:
             raise ValueError(f"{path.name} holds no LoRA, embeddings or UNet weights")
-        training_args = json.loads(artifacts["training_args"].read_text(encoding="utf-8"))
-        token_dict = json.loads(artifacts["special_params"].read_text(encoding="utf-8"))
         version = training_args.get("sd_model_version")
+        if files.layout == eden_layout.EDEN:
+            version = eden_layout.eden_version(training_args, files)
         if version not in ("sdxl", "sd15"):
             raise ValueError(f"{path.name}: training_args.json has no valid sd_model_version ({version!r})")
-        return cls(folder=path, lora=artifacts["lora"], embeddings=artifacts["embeddings"], unet_dir=artifacts["unet"],
-                   token_dict=token_dict, training_args=training_args, version=version)
+        return cls(folder=path, lora=files.lora, embeddings=embeddings, unet_dir=files.unet_dir,
+                   token_dict=token_dict, training_args=training_args, version=version, layout=files.layout,
+                   token_names=token_names)
 
 
 def _digest(path: Path) -> str:

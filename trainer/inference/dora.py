@@ -1,31 +1,43 @@
 """DoRA LoRAs in the predictor, applied exactly.
 
 diffusers' kohya loader drops ``dora_scale`` and would apply only the LoRA direction. The predictor instead merges
-each DoRA module into its UNet weight the way ComfyUI and A1111 do (output-axis decomposition, see
-``trainer.adapters.lora.dora_scales_for_export``) and keeps the original rows to restore on switch or rescale.
+each DoRA module into its UNet weight the way A1111, InvokeAI and ComfyUI do (per input column, see
+``trainer.adapters.dora``) and keeps the original weights to restore on switch or rescale.
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainer.export.kohya import UNET_PREFIX, diffusers_to_sgm
+from trainer.adapters.dora import column_norms
+from trainer.export.kohya import DORA_SCALE, UNET_PREFIX, check_kohya_state, diffusers_to_sgm
 
 
 def has_dora(state: dict[str, torch.Tensor]) -> bool:
-    return any(key.endswith(".dora_scale") for key in state)
+    return any(key.endswith(f".{DORA_SCALE}") for key in state)
 
 
 def _kohya_names(unet, version: str) -> dict[str, torch.nn.Module]:
-    """kohya module name -> the UNet's linear layer, for the attention projections that carry LoRA."""
+    """kohya module name -> the UNet's linear or conv layer, for every layer the exporter can name."""
     names = {}
     layers = unet.config.layers_per_block if version == "sdxl" else None
     for path, module in unet.named_modules():
-        if not isinstance(module, torch.nn.Linear) or ".attn" not in path:
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
-        name = diffusers_to_sgm(path, layers) if layers is not None else path
+        try:
+            name = diffusers_to_sgm(path, layers) if layers is not None else path
+        except ValueError:
+            continue  # a layer kohya's SGM names do not cover carries no LoRA
         names[f"{UNET_PREFIX}_{name.replace('.', '_')}"] = module
     return names
+
+
+def dora_target(base: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: float,
+                dora_scale: torch.Tensor) -> torch.Tensor:
+    """The trained weight: (W + ΔW) · dora_scale / ‖W + ΔW‖ per input column, in fp32."""
+    delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(base.shape) * (alpha / down.shape[0])
+    combined = base.float() + delta
+    return combined * (dora_scale.float() / column_norms(combined))
 
 
 class MergedDora:
@@ -40,9 +52,17 @@ class MergedDora:
         missing = [k for k in self._dora_modules() if k not in self.modules]
         if missing:
             raise ValueError(f"the DoRA LoRA names modules this UNet lacks, e.g. {missing[0]}")
+        # The file comes from a request: shapes that merely broadcast would give wrong weights without an error.
+        check_kohya_state(state)
+        for name in self._dora_modules():
+            shape = tuple(self.modules[name].weight.shape)
+            down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+            if tuple(down.shape[1:]) != shape[1:] or up.shape[0] != shape[0] or up[0].numel() != down.shape[0]:
+                raise ValueError(f"the DoRA module {name} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
+                                 f"which do not fit the UNet layer's weight {shape}")
 
     def _dora_modules(self) -> list[str]:
-        return [key[: -len(".dora_scale")] for key in self.state if key.endswith(".dora_scale")]
+        return [key[: -len(DORA_SCALE) - 1] for key in self.state if key.endswith(f".{DORA_SCALE}")]
 
     @torch.no_grad()
     def apply(self, scale: float) -> None:
@@ -50,17 +70,15 @@ class MergedDora:
             return
         self.restore()
         for name in self._dora_modules():
-            layer = self.modules[name]
-            weight = layer.weight
+            weight = self.modules[name].weight
             self.originals[name] = weight.detach().clone()
+            device = weight.device
             base = weight.float()
-            down = self.state[f"{name}.lora_down.weight"].float().to(weight.device)
-            up = self.state[f"{name}.lora_up.weight"].float().to(weight.device)
-            alpha = float(self.state[f"{name}.alpha"])
-            dora_scale = self.state[f"{name}.dora_scale"].float().to(weight.device)
-            merged = (base + (up @ down) * (alpha / down.shape[0])) * (dora_scale / base.norm(dim=1, keepdim=True))
-            # The LoRA scale blends between base and merged weight, as ComfyUI's strength does.
-            weight.copy_((base + scale * (merged - base)).to(weight.dtype))
+            target = dora_target(base, self.state[f"{name}.lora_up.weight"].to(device),
+                                 self.state[f"{name}.lora_down.weight"].to(device), float(self.state[f"{name}.alpha"]),
+                                 self.state[f"{name}.{DORA_SCALE}"].to(device))
+            # The LoRA scale blends between base and trained weight, as the clients' LoRA strength does.
+            weight.copy_((base + scale * (target - base)).to(weight.dtype))
         self.scale = scale
 
     @torch.no_grad()

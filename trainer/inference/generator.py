@@ -16,6 +16,7 @@ from PIL import Image
 
 from trainer.data.captions import replace_trigger
 from trainer.device import DeviceInfo, setup_device
+from trainer.export.files import embedding_vectors
 from trainer.inference.bundle import LoraBundle
 from trainer.inference.dora import MergedDora, has_dora
 from trainer.models.loading import ModelSource, load_models, model_cache_dir
@@ -118,15 +119,13 @@ class Generator:
     def _load_embeddings(self, bundle: LoraBundle) -> None:
         from safetensors.torch import load_file
 
-        vectors = load_file(str(bundle.embeddings))
+        vectors = embedding_vectors(load_file(str(bundle.embeddings)), self.version, bundle.embeddings.name)
         pipe = self.pipeline
-        pairs = [("clip_l", pipe.text_encoder, pipe.tokenizer)]
+        pairs = [(pipe.text_encoder, pipe.tokenizer)]
         if self.version == "sdxl":
-            pairs.append(("clip_g", pipe.text_encoder_2, pipe.tokenizer_2))
-        for key, encoder, tokenizer in pairs:
-            if key not in vectors:
-                raise ValueError(f"{bundle.embeddings.name} has no {key!r} vectors for this {self.version} model")
-            pipe.load_textual_inversion(vectors[key], token=bundle.tokens, text_encoder=encoder, tokenizer=tokenizer)
+            pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
+        for rows, (encoder, tokenizer) in zip(vectors, pairs, strict=True):
+            pipe.load_textual_inversion(rows, token=bundle.tokens, text_encoder=encoder, tokenizer=tokenizer)
 
     def deactivate(self) -> None:
         """Remove every trace of the active bundle: adapter, added tokens, swapped UNet."""

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     _say("")
     _say(f"done in {time.perf_counter() - started:.0f}s; everything is in {out}")
     _say(f"  trained LoRA zip:   {weights}")
-    _say(f"  unpacked:           {out / 'lora'} (README.md explains ComfyUI, A1111, diffusers)")
+    _say(f"  unpacked:           {out / 'lora'} (README.md explains ComfyUI, A1111, InvokeAI, diffusers)")
     _say(f"  training samples:   {len(samples)} in {out / 'lora' / 'samples'}")
     _say(f"  loss plot:          {out / 'lora' / 'loss.png'}")
     _say(f"  predictions:        {', '.join(str(p) for p in images)}")
