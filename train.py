@@ -26,7 +26,7 @@ def train(
     name: Optional[str] = Input(
         default=None, max_length=128,
         description="Name of the LoRA and of its files (ComfyUI and A1111 use `<name>_embeddings` as the trigger). "
-        "Default: the concept mode and the time.",
+        "Default: as Eden names it, the last part of the training URL (xander.zip for https://host/xander.zip).",
     ),
     lora_training_urls: Optional[str] = Input(
         default=None, max_length=512000,
@@ -41,6 +41,7 @@ def train(
         "its http(s) URL or a data: URL. Added to lora_training_urls.",
     ),
     concept_mode: str = Input(
+        default="style",
         choices=["face", "style", "object"],
         description="What the LoRA learns: a face (person or character), a style, or an object.",
     ),
@@ -56,7 +57,8 @@ def train(
     ),
     resolution: int = Input(
         default=512, ge=64, le=2048,
-        description="Training resolution (images are trained at about resolution² pixels); a multiple of 64.",
+        description="Training resolution: images train at about resolution² pixels at their mean aspect ratio, "
+        "sides rounded to multiples of 64 (as Eden computes it).",
     ),
     unet_lr: float = Input(default=0.0003, ge=0.0, le=1.0, description="Learning rate of the UNet LoRA."),
     ti_lr: float = Input(default=0.001, ge=0.0, le=1.0, description="Learning rate of the new token embeddings."),
@@ -67,12 +69,13 @@ def train(
         default=4, ge=0, le=32, description="Sample images rendered with the trained LoRA into the zip (0: none)."
     ),
     validation_img_size: Optional[int] = Input(
-        default=None, ge=64, le=2048,
-        description="Size of the sample images (about size² pixels). Default: the training size, at least the "
-        "model's native size.",
+        default=None, ge=8, le=2048,
+        description="Size of the sample images (about size² pixels at the training aspect ratio, sides rounded to "
+        "multiples of 64). Default: 1024 for SDXL, 768 for SD1.5.",
     ),
     sample_imgs_lora_scale: Optional[float] = Input(
-        default=None, ge=0.0, le=2.0, description="LoRA scale of the sample images. Default: 1.0."
+        default=None, ge=0.0, le=2.0, description="LoRA scale of the sample images. Default: 0.75 for SDXL, 0.85 for "
+        "SD1.5."
     ),
     seed: Optional[int] = Input(
         default=None, ge=0, le=4294967295,
@@ -85,7 +88,8 @@ def train(
     ),
     caption_prefix: str = Input(
         default="", max_length=2000,
-        description="Text put before every caption, after the trigger (for example 'a photo of')."
+        description="Text put in front of every caption instead of the automatic trigger, as Eden's (for example 'a "
+        "photo of TOK'; TOK is added in front when it is missing)."
     ),
     mask_target_prompts: Optional[str] = Input(
         default=None, max_length=2000,

@@ -59,7 +59,8 @@ def trained_sdxl(tmp_path_factory, model_cache):
     root = tmp_path_factory.mktemp("sdxl-run")
     images = make_concept_images(root / "images", n=4)
     config = tiny_config(
-        images, root / "runs", max_train_steps=16, checkpointing_steps=8, max_checkpoints=1, n_sample_imgs=2,
+        images, root / "runs", max_train_steps=16, checkpointing_steps=8, checkpoint_rule="every", max_checkpoints=1,
+        n_sample_imgs=2,
         text_encoder_lora_optimizer="adamw", text_encoder_lora_lr=1e-3, txt_encoders_lr_warmup_steps=0,
         lora_alpha_multiplier=2.0, unet_lr=2e-3, ti_lr=1e-2, save_dtype="fp32", freeze_ti_after_completion_f=0.5,
         token_attention_loss_w=1e-3, tok_cov_reg_w=1e-4, cond_reg_w=1e-4, tok_cond_reg_w=1e-4,

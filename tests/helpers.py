@@ -41,6 +41,7 @@ def tiny_config(images: Path, output_dir: Path, model: str = "tiny-sdxl", **over
         "max_train_steps": 12,
         "checkpointing_steps": 0,
         "n_sample_imgs": 0,
+        "validation_img_size": 64,  # Eden's default (1024 / 768) is far too slow for the tiny models on a CPU
         "validation_num_inference_steps": 2,
         "device": "cpu",
         "weight_type": "fp32",

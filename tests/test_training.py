@@ -62,8 +62,10 @@ def _assert_relative_error(a: dict, b: dict, limit: float, per_tensor_limit: flo
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd15"])
 def test_learning_happens(images, dataset, tmp_path, model_cache, model):
+    # A constant rate (lr_scheduler: constant) learns in these few steps; Eden's warm-up spends most of them cold.
     session, _ = _session(images, dataset, tmp_path, model=model, max_train_steps=60, unet_lr=1e-2, ti_lr=3e-2,
-                          lora_rank=8, caption_dropout=0.0, snr_gamma=None, noise_offset=0.0, logging_steps=20)
+                          lora_rank=8, caption_dropout=0.0, snr_gamma=None, noise_offset=0.0, logging_steps=20,
+                          lr_scheduler="constant")
     session.latents.build_cache()
     captions = session.captions
     without = [c.replace(session.token_string, "") for c in captions]
@@ -93,7 +95,8 @@ def test_learning_happens(images, dataset, tmp_path, model_cache, model):
 def test_resume_equals_an_uninterrupted_run(images, dataset, tmp_path, model_cache):
     settings = {"max_train_steps": 10, "checkpointing_steps": 4, "unet_lr": 3e-3, "ti_lr": 1e-2,
                 "freeze_ti_after_completion_f": 0.5, "unet_optimizer_type": "prodigy", "lr_scheduler": "cosine",
-                "unet_lr_warmup_steps": 2, "caption_dropout": 0.3, "left_right_flip_augmentation": True}
+                "unet_lr_warmup_steps": 2, "caption_dropout": 0.3, "left_right_flip_augmentation": True,
+                "checkpoint_rule": "every"}  # a checkpoint at 4 of 10 steps (Eden saves none within 25 of the end)
     straight, _ = _session(images, dataset, tmp_path / "a", **settings)
     loop.run(straight, make_zip=False)
 
@@ -157,11 +160,18 @@ def test_token_warmup_trains_only_tokens_first(images, dataset, tmp_path, model_
 
 
 def test_unet_freezes_before_completion(images, dataset, tmp_path, model_cache):
+    """Eden's meaning (main.py: the UNet's rate is 0 while completion_f < freeze_unet_before_completion_f): frozen
+    for the first quarter, training from there to the end. Other schedules leave the frozen steps out entirely."""
     session, _ = _session(images, dataset, tmp_path, max_train_steps=8, freeze_unet_before_completion_f=0.25,
                           freeze_ti_after_completion_f=1.0)
     schedule = session.schedule
-    assert [schedule.at(s).unet for s in range(8)] == [True] * 6 + [False] * 2
+    unet = next(g for g in session.groups if g.name == "unet")
+    assert all(schedule.at(s).unet for s in range(8))  # Eden keeps stepping the optimiser, at rate 0
+    assert [unet.lr_lambda(s) == 0 for s in range(8)] == [True] * 2 + [False] * 6
     assert all(schedule.at(s).ti for s in range(8))
+    constant, _ = _session(images, dataset, tmp_path / "constant", max_train_steps=8, lr_scheduler="constant",
+                           freeze_unet_before_completion_f=0.25, freeze_ti_after_completion_f=1.0)
+    assert [constant.schedule.at(s).unet for s in range(8)] == [False] * 2 + [True] * 6
 
 
 def test_ti_only_training_leaves_the_unet_alone(images, dataset, tmp_path, model_cache):
@@ -237,7 +247,8 @@ def test_adamw8bit_is_refused_on_cpu(images, dataset, tmp_path, model_cache):
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(images, dataset, tmp_path,
                                                                             model_cache, monkeypatch):
-    session, _ = _session(images, dataset, tmp_path, max_train_steps=12, checkpointing_steps=4, logging_steps=2)
+    session, _ = _session(images, dataset, tmp_path, max_train_steps=12, checkpointing_steps=4, logging_steps=2,
+                          checkpoint_rule="every")
     original = loop.compute_loss
 
     def poisoned(session_, batch, micro_step, phase):
@@ -252,7 +263,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(imag
 
 
 def test_cancellation_leaves_nothing_partial(images, dataset, tmp_path, model_cache):
-    session, _ = _session(images, dataset, tmp_path, max_train_steps=20, checkpointing_steps=5)
+    session, _ = _session(images, dataset, tmp_path, max_train_steps=20, checkpointing_steps=5, checkpoint_rule="every")
     calls = []
     with pytest.raises(loop.TrainingCancelled, match="cancelled at step 7"):
         loop.run(session, should_stop=lambda: calls.append(1) or len(calls) > 7)

@@ -115,7 +115,8 @@ def run_case(model: str, location: str, resolution: int, batch: int, optimizer: 
             "lora_training_urls": str(scratch), "concept_mode": "object", "ckpt_path": location,
             "resolution": resolution, "train_batch_size": batch, "unet_optimizer_type": optimizer,
             "ti_optimizer": "prodigy" if optimizer == "prodigy" else "adamw", "max_train_steps": 2 * per_phase,
-            "freeze_ti_after_completion_f": 0.5, "checkpointing_steps": 0, "n_sample_imgs": 0, "device": device,
+            "freeze_ti_after_completion_f": 0.5, "checkpointing_steps": 0, "checkpoint_rule": "every",
+            "n_sample_imgs": 0, "device": device,
             "weight_type": weight_type, "torch_compile": compile_, "gradient_checkpointing": gradient_checkpointing,
             "output_dir": str(scratch / "runs"), "seed": 0, "caption_model": "no_caption", **(extra or {}),
         })
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.output.write_text(json.dumps(report, indent=2))
     if args.end_to_end:
         # The tiny models keep the default job's shape (8 images, batch 4, samples) at their own 64 px scale.
-        tiny = {"resolution": 64, "validation_num_inference_steps": 2} if args.model in TINY_MODELS else {}
+        tiny = ({"resolution": 64, "validation_img_size": 64, "validation_num_inference_steps": 2}
+                if args.model in TINY_MODELS else {})
         report["end_to_end"] = end_to_end(location, device=args.device, weight_type=args.weight_type,
                                           steps=args.e2e_steps, extra={**extra, **tiny})
     args.output.write_text(json.dumps(report, indent=2))

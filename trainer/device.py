@@ -186,6 +186,19 @@ def parse_device(spec: str) -> tuple[str, int | None]:
     return backend, int(index) if index else None
 
 
+def is_missing_numbered_gpu(spec: object) -> bool:
+    """True for a numbered CUDA or XPU device this machine lacks, the form Eden's saved configs carry (its config
+    replaces the device by its best GPU, so the saved value never mattered to it)."""
+    if not isinstance(spec, str):
+        return False
+    try:
+        backend, index = parse_device(spec)
+    except DeviceError:
+        return False
+    counts = {"cuda": cuda_device_count, "xpu": xpu_device_count}
+    return index is not None and backend in counts and index >= counts[backend]()
+
+
 def select_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
     """Resolve a device string, failing early with the reason when it is not available.
 

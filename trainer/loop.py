@@ -97,6 +97,24 @@ class LossLog:
             handle.writelines(f"{s},{v:.6g}\n" for s, v in rows)
 
 
+#: Eden saves no intermediate checkpoint this close to the end (main.py: ``global_step < max_train_steps - 25``).
+EDEN_CHECKPOINT_MARGIN = 25
+
+
+def checkpoint_due(config: TrainingConfig, done: int, total: int) -> bool:
+    """Whether an intermediate checkpoint is saved after ``done`` steps (``done == 0``: before training).
+
+    ``eden``: Eden's rule (main.py), checkpoints at 0, N, 2N, ... that lie more than 25 steps before the end, with
+    ``checkpointing_steps`` below 1 meaning ``max_train_steps`` (trainer/config.py). ``every``: every N steps
+    before the end, none at step 0. The final checkpoint is always saved, by the caller.
+    """
+    every = config.checkpointing_steps
+    if config.checkpoint_rule == "eden":
+        every = every if every >= 1 else total
+        return done % every == 0 and done < total - EDEN_CHECKPOINT_MARGIN
+    return every >= 1 and done > 0 and done % every == 0 and done < total
+
+
 def _step_seed(seed: int, micro_step: int) -> int:
     # Counter-based seeding: the randomness of a step does not depend on how the run got there (resume-exact).
     return (seed * 1_000_003 + micro_step * 7_919 + 12_345) % (2**63 - 1)
@@ -124,7 +142,9 @@ def compute_loss(session: Session, batch: Batch, micro_step: int, phase: Phase) 
     # timestep and dropout whatever the number of processes.
     share = session.dist.rank_slice(len(batch.indices))
     dropout = random.Random(f"{session.seed}-dropout-{micro_step}")
-    texts = ["" if dropout.random() < config.caption_dropout else session.captions[i] for i in batch.indices][share]
+    # Eden replaces a dropped caption by the trigger tokens alone (main.py), not by the empty prompt.
+    texts = [session.dropout_caption if dropout.random() < config.caption_dropout else session.captions[i]
+             for i in batch.indices][share]
     local = Batch(indices=batch.indices[share], flips=batch.flips[share], target_size=batch.target_size)
     latents, masks = session.latents.get(local)
     generator = device.generator(_step_seed(session.seed, micro_step))
@@ -202,7 +222,7 @@ def enter_phase(session: Session, phase: Phase, step: int) -> None:
     _apply_phase(session, phase)
     config = session.config
     if config.cache_text_encoder_outputs and not session.text.cached and session.schedule.text_frozen_from(step):
-        session.text.build_cache([*session.captions, ""], session.device.autocast)
+        session.text.build_cache([*session.captions, session.dropout_caption], session.device.autocast)
         logger.info("text side frozen from step %d: text-encoder outputs cached", step)
         if config.offload_idle_modules:
             offload_idle(session, True)
@@ -239,6 +259,9 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
         offload_idle(session, True)
 
     current: Phase | None = None
+    if state is None and checkpoint_due(config, 0, session.total_steps):
+        # Eden's first checkpoint, before any step: the untrained tokens and LoRA, and their samples as a baseline.
+        save_checkpoint(session, 0, with_samples=True)
     existing = ckpt.list_checkpoints(session.run_dir)
     last_good = existing[-1][1] if existing else None
     # disable=None: a bar on a terminal, none in logs (cog's log stream gets on_progress lines instead).
@@ -263,8 +286,8 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
             pending.append((step, train_step(session, step, phase)))
 
             done = step + 1
-            checkpoint_due = config.checkpointing_steps and done % config.checkpointing_steps == 0
-            if done % config.logging_steps == 0 or checkpoint_due or done == session.total_steps:
+            due = checkpoint_due(config, done, session.total_steps)
+            if done % config.logging_steps == 0 or due or done == session.total_steps:
                 # The only read-back of the loss: once per logging interval, all pending steps together.
                 values = torch.stack([v for _, v in pending]).float().cpu().tolist()
                 flushed = [(s, v) for (s, _), v in zip(pending, values, strict=True)]
@@ -285,7 +308,7 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
                 bar.update(done - bar.n)
                 if on_progress is not None and dist.is_main:
                     on_progress(ProgressEvent(done, session.total_steps, last_loss, elapsed, rate))
-            if checkpoint_due and done < session.total_steps:
+            if due:
                 last_good = save_checkpoint(session, done, with_samples=True)
     finally:
         bar.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,13 @@ class ParamGroup:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     extra: dict = field(default_factory=dict)
+    lr_lambda: Callable[[int], float] | None = None
+    """The step -> multiplier of this group's own curve (Eden's); ``None`` takes the named schedule."""
+
+    @property
+    def initial_lr(self) -> float:
+        """The rate the optimiser is built with, which the schedule multiplies (Prodigy runs at 1.0)."""
+        return 1.0 if self.optimizer_type == "prodigy" else self.lr
 
 
 def _adamw(params, lr: float, weight_decay: float, device: DeviceInfo, betas=(0.9, 0.999)):
@@ -109,9 +117,8 @@ def build_groups(groups: list[ParamGroup], device: DeviceInfo, *, schedule: str,
         if not group.params:
             raise ValueError(f"parameter group {group.name} is empty")
         group.optimizer = build_optimizer(group, device, d_coef=d_coef, growth_rate=growth_rate)
-        group.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            group.optimizer, lr_lambda(schedule, group.warmup_steps, total_steps)
-        )
+        curve = group.lr_lambda or lr_lambda(schedule, group.warmup_steps, total_steps)
+        group.scheduler = torch.optim.lr_scheduler.LambdaLR(group.optimizer, curve)
         n = sum(p.numel() for p in group.params)
         logger.info("%s: %s, lr %g, %d trainable values", group.name, group.optimizer_type, group.lr, n)
     return groups

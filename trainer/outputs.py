@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer.data import sizes
+from trainer.data.captions import apply_prompt_modifier
 from trainer.errors import TrainingDiverged
 from trainer.export.bundle import ExportSpec, usage_readme, write_export, write_zip
 from trainer.export.eden import eden_training_attributes, empty_token_rows
@@ -35,7 +36,7 @@ def export_spec(session: Session) -> ExportSpec:
         rank=config.lora_rank,
         alpha=config.lora_rank * config.lora_alpha_multiplier,
         te_rank=config.text_encoder_lora_rank,
-        te_alpha=float(config.text_encoder_lora_rank),
+        te_alpha=config.text_encoder_lora_rank * config.lora_alpha_multiplier,
         resolution=session.dataset.target_sizes[0],
         n_images=len(session.dataset),
         captions=captions,
@@ -49,15 +50,8 @@ def export_spec(session: Session) -> ExportSpec:
 
 
 def sample_size(session: Session) -> tuple[int, int]:
-    from trainer.data.sizes import size_for_aspect
-
-    config, models = session.config, session.models
-    train_h, train_w = session.dataset.target_sizes[0]
-    if isinstance(config.validation_img_size, list):
-        return config.validation_img_size[1], config.validation_img_size[0]
-    native = models.unet.config.sample_size * models.vae_scale_factor
-    side = config.validation_img_size or max(native, int(math.sqrt(train_h * train_w)))
-    return size_for_aspect(side, train_w / train_h, multiple=models.unet_size_multiple)
+    return sizes.sample_size(session.config.validation_img_size, session.models.version,
+                             session.dataset.target_sizes[0])
 
 
 def render_samples(session: Session, folder: Path, step: int) -> Path | None:
@@ -68,7 +62,7 @@ def render_samples(session: Session, folder: Path, step: int) -> Path | None:
     prompts = sampling.sample_prompts(config.concept_mode, config.n_sample_imgs, config.validation_prompts,
                                       config.negative_validation_prompts)
     if config.prompt_modifier:
-        prompts = [(f"{p}, {config.prompt_modifier}", n) for p, n in prompts]
+        prompts = [(apply_prompt_modifier(config.prompt_modifier, p), n) for p, n in prompts]
     was_training = models.unet.training
     models.unet.eval()
     if config.offload_idle_modules:
@@ -82,7 +76,8 @@ def render_samples(session: Session, folder: Path, step: int) -> Path | None:
             images = sampling.render(
                 pipeline, prompts, trigger=config.trigger, token_string=session.token_string,
                 size_hw=sample_size(session), steps=config.validation_num_inference_steps,
-                guidance=config.validation_guidance_scale, lora_scale=config.sample_imgs_lora_scale or 1.0,
+                guidance=config.validation_guidance_scale,
+                lora_scale=sizes.sample_lora_scale(config.sample_imgs_lora_scale, models.version),
                 seed=session.seed, device=session.device.device, lora_active=config.is_lora,
             )
     finally:

@@ -31,7 +31,7 @@ from trainer.loss import (
 from trainer.models.loading import SDModels, load_models, model_cache_dir, resolve_source
 from trainer.models.text import PromptEncoder
 from trainer.optim import ParamGroup, build_groups
-from trainer.schedule import Schedule, resolve_total_steps
+from trainer.schedule import Schedule, eden_lr_lambda, resolve_total_steps
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _choose_seed(config: TrainingConfig) -> int:
 
 def _run_dir(config: TrainingConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = safe_name(config.name) if config.name else f"{config.concept_mode}"
+    name = safe_name(config.run_name)
     base = Path(config.output_dir) / f"{name}_{stamp}"
     path = base
     counter = 1
@@ -79,6 +79,8 @@ class Session:
     captions: list[str]
     time_ids: torch.Tensor | None
     token_string: str | None
+    dropout_caption: str
+    """What a dropped caption becomes: the trigger tokens alone, as in Eden (empty without tokens)."""
     probe: TokenAttentionProbe | None
     cov_stats: list[tuple[torch.Tensor, torch.Tensor]]
     dist: Distributed = field(default_factory=Distributed)
@@ -121,7 +123,7 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     state = ckpt.load_state(resume_checkpoint) if resume_checkpoint else None
     seed = state["seed"] if state else dist.broadcast(_choose_seed(config))
     config.seed = seed
-    config.name = config.name or run_dir.name
+    config.name = config.run_name
     if not config.start_time:
         config.start_time = time.time()
     _seed_everything(seed)
@@ -191,8 +193,9 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     te_lora = config.text_encoder_lora_optimizer is not None
     if te_lora:
         for encoder in models.text_encoders:
+            # Eden: the text-encoder LoRA's alpha follows lora_alpha_multiplier too (trainer/optimizer.py).
             te_lora_params += lora_adapters.add_text_encoder_lora(
-                encoder, config.text_encoder_lora_rank, float(config.text_encoder_lora_rank)
+                encoder, config.text_encoder_lora_rank, config.text_encoder_lora_rank * config.lora_alpha_multiplier
             )
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
@@ -205,10 +208,12 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     total_steps = resolve_total_steps(config, plan.batches_per_epoch)
     config.max_train_steps = total_steps
     config.num_train_epochs = math.ceil(total_steps * config.gradient_accumulation_steps / plan.batches_per_epoch)
-    schedule = Schedule.from_config(config, total_steps, tokens is not None, te_lora)
+    steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / config.gradient_accumulation_steps))
+    schedule = Schedule.from_config(config, total_steps, tokens is not None, te_lora, steps_per_epoch)
 
     groups = []
-    if unet_params and schedule.unet_end > schedule.unet_start:
+    # Eden builds no UNet optimiser when unet_lr is 0 (a tokens-only run).
+    if unet_params and config.unet_lr > 0 and schedule.unet_end > schedule.unet_start:
         groups.append(ParamGroup("unet", unet_params, config.unet_optimizer_type, config.unet_lr,
                                  config.lora_weight_decay, config.unet_lr_warmup_steps or 0))
     if tokens is not None and schedule.ti_end > 0:
@@ -220,9 +225,12 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
                                  config.txt_encoders_lr_warmup_steps))
     if not groups:
         raise ValueError(
-            "nothing would train with these settings: check disable_ti, freeze_ti_after_completion_f, "
+            "nothing would train with these settings: check unet_lr, disable_ti, freeze_ti_after_completion_f, "
             "freeze_unet_before_completion_f, token_warmup_steps and text_encoder_lora_optimizer"
         )
+    if config.lr_scheduler == "eden":
+        for group in groups:
+            group.lr_lambda = eden_lr_lambda(group.name, config, schedule, group.optimizer_type, group.initial_lr)
     build_groups(groups, device, schedule=config.lr_scheduler, total_steps=total_steps,
                  d_coef=config.prodigy_d_coef, growth_rate=config.unet_prodigy_growth_factor)
 
@@ -268,7 +276,8 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
         total_steps=total_steps, schedule=schedule, groups=groups, tokens=tokens,
         unet_lora_params=unet_lora_params, te_lora=te_lora, text=text, latents=latents, plan=plan,
         noise_scheduler=noise_scheduler, prediction_type=prediction_type, captions=captions, time_ids=time_ids,
-        token_string=token_string, probe=probe, cov_stats=cov_stats, timings=timings,
+        token_string=token_string, dropout_caption=token_string or "", probe=probe, cov_stats=cov_stats,
+        timings=timings,
     )
     if dist.is_main:
         save_config(config, run_dir / "training_args.json")

@@ -172,8 +172,9 @@ def test_a_resumed_dora_run_equals_an_uninterrupted_one(tmp_path, model_cache):
 
     images = make_concept_images(tmp_path / "images", n=2)
     dataset = prepared_dataset(images, tmp_path / "prepared")
+    # checkpoint_rule every: a checkpoint at 3 of 6 steps (Eden's rule saves none within 25 steps of the end).
     settings = {"model": "tiny-sd15", "use_dora": True, "max_train_steps": 6, "checkpointing_steps": 3,
-                "unet_lr": 1e-2}
+                "checkpoint_rule": "every", "unet_lr": 1e-2}
 
     def session(folder, **extra):
         return loop.setup(tiny_config(images, tmp_path / folder, **settings, **extra), dataset=dataset)

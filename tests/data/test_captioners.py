@@ -51,14 +51,15 @@ def test_local_captioners_caption_only_what_lacks_a_caption(sandbox, tiny_models
     monkeypatch.setattr(f"trainer.data.captioners.{model}.MAX_NEW_TOKENS", 6)
     before = sandbox.snapshot()
     dataset = prepare_dataset(config(images, caption_model=model, caption_model_path=str(folder),
-                                     caption_prefix="photo of", prompt_modifier="highly detailed"),
+                                     caption_prefix="photo of", prompt_modifier="{}, highly detailed"),
                               sandbox.work_dir, limits=fast_limits())
     sandbox.assert_nothing_written_outside(before)
     captions = [s.caption for s in dataset.samples]
     generated = f"{CAPTION_WORD} {CAPTION_WORD}"
-    assert captions[1] == "TOK, photo of my own caption of the left side, highly detailed"
+    # Eden's placement: "<prefix>, <caption>", the modifier template, then TOK in front as the prefix lacks it.
+    assert captions[1] == "TOK, photo of, my own caption of the left side, highly detailed"
     for caption in (captions[0], captions[2]):
-        assert caption.startswith(f"TOK, photo of {generated}") and caption.endswith(", highly detailed")
+        assert caption.startswith(f"TOK, photo of, {generated}") and caption.endswith(", highly detailed")
     assert dataset.info["caption_sources"] == {"sidecar": 1, "model": 2}
     assert dataset.info["caption_model"] == model
     assert len(loaded) == 1  # loaded once for all images...
@@ -83,8 +84,9 @@ def test_all_captioned_needs_no_model(sandbox):
 def test_style_mode_and_no_caption(sandbox):
     images = _images(sandbox.inputs, n=2, captioned=(0,))
     dataset = prepare_dataset(config(images, concept_mode="style"), sandbox.work_dir, limits=fast_limits())
+    # Eden's: "in the style of TOK, " + caption, through its fix_prompt (which keeps the comma of an empty one).
     assert [s.caption for s in dataset.samples] == ["in the style of TOK, my own caption of the left side",
-                                                    "in the style of TOK"]
+                                                    "in the style of TOK,"]
 
 
 # ------------------------------------------------------------------------------------------------------- GPT-4V
@@ -149,7 +151,8 @@ def openai(monkeypatch):
 
 def test_gpt4v_captions_and_trigger_rewrite(sandbox, openai):
     images = _images(sandbox.inputs, n=2)
-    dataset = prepare_dataset(config(images, concept_mode="face", caption_model="gpt4-v", caption_model_path="gpt-x"),
+    dataset = prepare_dataset(config(images, concept_mode="face", caption_model="gpt4-v", caption_model_path="gpt-x",
+                                     use_face_detection_instead=True),
                               sandbox.work_dir, limits=fast_limits())
     captions = [s.caption for s in dataset.samples]
     # The rewrite put the trigger in place of the subject, so no "TOK, " lead is added.

@@ -27,16 +27,21 @@ modes = st.sampled_from(["face", "object", "style"])
 
 @settings(max_examples=200, deadline=None)
 @given(captions, modes, st.sampled_from(["", "a photo of", "TOK portrait,"]), st.one_of(st.none(), words))
-def test_trigger_is_placed_once_per_concept_mode(caption, mode, prefix, modifier):
+def test_trigger_is_placed_once_per_concept_mode(caption, mode, prefix, word):
+    """Eden's placement (post_process_captions in trainer/preprocess.py): without a prefix the trigger leads
+    ("in the style of TOK, " for styles); a prefix replaces it, and "TOK, " goes in front of a prefix without it;
+    prompt_modifier is a str.format template applied after."""
+    modifier = f"{{}}, {word}" if word else None
     result = place_trigger(caption, "TOK", mode, prefix, modifier)
     assert len(re.findall(r"(?<![\w<>])TOK(?![\w<>])", result)) == 1
-    if "TOK" not in prefix:
-        lead = "in the style of TOK" if mode == "style" else "TOK"
-        assert result.startswith(lead)
-    if prefix:
-        assert prefix.strip() in result
-    if modifier:
-        assert result.endswith(f", {modifier}")
+    if not prefix:
+        assert result.startswith("in the style of TOK" if mode == "style" else "TOK")
+    elif "TOK" in prefix:
+        assert result.startswith(prefix)
+    else:
+        assert result.startswith(f"TOK, {prefix},")
+    if word:
+        assert result.endswith(f", {word}")
     assert "  " not in result
 
 
@@ -51,7 +56,9 @@ def test_words_containing_the_trigger_are_never_touched(caption):
 
 
 def test_existing_trigger_stays_where_the_user_put_it():
-    assert place_trigger("a portrait of TOK smiling", "TOK", "face") == "a portrait of TOK smiling"
+    """The earlier placement, kept behind caption_trigger: where_given (Eden puts the trigger in front anyway)."""
+    assert place_trigger("a portrait of TOK smiling", "TOK", "face", rule="where_given") == "a portrait of TOK smiling"
+    assert place_trigger("a portrait of TOK smiling", "TOK", "face") == "TOK, a portrait of TOK smiling"
     assert replace_trigger("TOK, TOK's hat", "TOK", "<s0>") == "<s0>, <s0>'s hat"
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from tests.data.factories import config, fast_limits, photo
-from trainer.data.masks import create_masker, mask_method, split_prompts
+from trainer.data.masks import create_masker, mask_method, mask_prompts, split_prompts
 from trainer.data.masks.clipseg import ClipSegMasker
 from trainer.data.masks.faces import FaceMasker
 from trainer.data.prepare import prepare_dataset
@@ -56,7 +56,11 @@ def test_no_face_gives_a_full_mask_not_a_black_one(faces):
 
 
 def test_which_mask_method_runs():
-    assert mask_method(config("x", concept_mode="face")) == "face"
+    """Eden (trainer/config.py): face mode sets mask_target_prompts to "face", which CLIPSeg masks; the face
+    detector only runs with use_face_detection_instead."""
+    assert mask_method(config("x", concept_mode="face")) == "clipseg"
+    assert mask_prompts(config("x", concept_mode="face")) == ["face"]
+    assert mask_method(config("x", concept_mode="face", use_face_detection_instead=True)) == "face"
     assert mask_method(config("x", concept_mode="object")) is None
     assert mask_method(config("x", concept_mode="object", mask_target_prompts="a dog")) == "clipseg"
     assert mask_method(config("x", concept_mode="face", mask_target_prompts="a hat")) == "clipseg"
@@ -69,7 +73,8 @@ def test_face_mode_masks_and_crops_around_the_face(sandbox, astronaut):
     wide = Image.new("RGB", (1024, 512), (30, 30, 30))
     wide.paste(astronaut, (0, 0))  # the face sits in the left half of a wide picture
     wide.save(sandbox.inputs / "wide.png")
-    dataset = prepare_dataset(config(sandbox.inputs, concept_mode="face", resolution=256, crop_based_on_salience=True),
+    dataset = prepare_dataset(config(sandbox.inputs, concept_mode="face", resolution=256, crop_based_on_salience=True,
+                                     use_face_detection_instead=True, train_aspect_ratio=1.0),
                               sandbox.work_dir, limits=fast_limits())
     sample = dataset.samples[0]
     assert dataset.info["mask_method"] == "face" and dataset.info["images_with_faces"] == 1
@@ -79,8 +84,9 @@ def test_face_mode_masks_and_crops_around_the_face(sandbox, astronaut):
         assert mask.mode == "L" and mask.size == (256, 256)
         values = np.asarray(mask)
     assert values.max() == 255 and values.min() < 20
-    centred = prepare_dataset(config(sandbox.inputs, concept_mode="face", resolution=256,
-                                     crop_based_on_salience=False), sandbox.work_dir, limits=fast_limits())
+    centred = prepare_dataset(config(sandbox.inputs, concept_mode="face", resolution=256, crop_based_on_salience=False,
+                                     use_face_detection_instead=True, train_aspect_ratio=1.0),
+                              sandbox.work_dir, limits=fast_limits())
     assert centred.samples[0].crop_top_left == (0, 128)
 
 

@@ -67,7 +67,8 @@ def test_augmentation_is_reproducible_and_captions_follow_mirrors(sandbox):
 
 def test_face_mode_copies_are_never_mirrored(sandbox):
     source = _folder(sandbox)
-    dataset = prepare_dataset(config(source, concept_mode="face", augment_imgs_up_to_n=8, resolution=128),
+    dataset = prepare_dataset(config(source, concept_mode="face", augment_imgs_up_to_n=8, resolution=128,
+                                     use_face_detection_instead=True),
                               sandbox.work_dir, limits=fast_limits())
     assert len(dataset) == 8
     assert not any(v["flip"] for v in dataset.info["augmentation"])

@@ -33,6 +33,18 @@ def _load_exported(pipe, result, tokens):
         pipe.load_textual_inversion(embeddings["clip_l"], token=tokens)
 
 
+def _lora_layers(unet) -> set[str]:
+    return {name for name, module in unet.named_modules() if hasattr(module, "lora_A") and module.lora_A}
+
+
+def _assert_every_trained_layer_loaded(session, pipe):
+    """diffusers' kohya loader puts a LoRA on exactly the layers that trained one, the ResNet conv2 layers (Eden's
+    targets) included: none is dropped, so the output match below is not a near miss."""
+    trained = _lora_layers(session.models.unet)
+    assert any(name.endswith(".conv2") for name in trained)
+    assert _lora_layers(pipe.unet) == trained
+
+
 def _unet_inputs(session, seed=0):
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
@@ -77,6 +89,7 @@ def test_sdxl_lora_te_lora_and_embeddings_round_trip_through_diffusers(trained_s
     pipe = _fresh_pipeline(session)
     _, base_out = _fresh_output(session, pipe, "a photo of on a table")
     _load_exported(pipe, result, ["<s0>", "<s1>"])
+    _assert_every_trained_layer_loaded(session, pipe)
     fresh_embeds, fresh_out = _fresh_output(session, pipe, prompt)
 
     # Saved in fp32 (save_dtype), so the reload is exact up to float reassociation.
@@ -93,6 +106,7 @@ def test_sd15_default_fp16_export_round_trips_within_tolerance(trained_sd15):
     pipe = _fresh_pipeline(session)
     _, base_out = _fresh_output(session, pipe, prompt.replace("<s0><s1>", ""))
     _load_exported(pipe, result, ["<s0>", "<s1>"])
+    _assert_every_trained_layer_loaded(session, pipe)
     fresh_embeds, fresh_out = _fresh_output(session, pipe, prompt)
     assert _relative_error(fresh_embeds, trained_embeds) < 1e-5  # embeddings are saved in fp32
     assert _relative_error(fresh_out, trained_out) < 5e-3  # LoRA in fp16

@@ -24,7 +24,7 @@ AWS_TEST_ENV = {
 #: Training settings that keep a job on the tiny model to a few seconds on a CPU.
 TINY_TRAINING_ARGS = {
     "ckpt_path": "tiny-sdxl", "device": "cpu", "weight_type": "fp32", "augment_imgs_up_to_n": 0,
-    "validation_num_inference_steps": 2, "logging_steps": 1,
+    "validation_num_inference_steps": 2, "logging_steps": 1, "validation_img_size": 64,
 }
 
 

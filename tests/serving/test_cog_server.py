@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import uuid
 import zipfile
@@ -74,10 +75,10 @@ def test_training_returns_the_documented_zip_and_reports_progress(trained, train
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"concept_mode": None}, "concept_mode is required: face, style or object"),
+        ({"concept_mode": "faces"}, "concept_mode: Input should be 'face', 'style' or 'object'"),
         ({"training_args": "{unet_lr: 1}"}, "training_args is not valid JSON"),
         ({"training_args": json.dumps({"unet_lrr": 1})}, "unknown key 'unet_lrr' (did you mean 'unet_lr'?)"),
-        ({"resolution": 100}, "resolution must be a multiple of 64"),
+        ({"resolution": 32}, "resolution must be in [64, 2048], got 32"),
         ({"max_train_steps": "many"}, "max_train_steps: Input should be a valid integer"),
         ({"lora_training_urls": "/etc/passwd"}, "'/etc/passwd' is a local path, which this server does not read"),
         ({"lora_training_urls": "ftp://example.com/x.zip"}, "unsupported scheme 'ftp://'"),
@@ -247,6 +248,25 @@ def test_prediction_server_with_cog_sdxl_inputs(trained, file_server, trained_sd
         assert internal.connections == 0 and internal.requests == [], "a refused image URL is never contacted"
 
 
+def _shells() -> list[list[str]]:
+    """How users start the script: Eden's README types `sh cog_test_train.sh` (dash on Debian), others bash or ./."""
+    shells = [["sh"], ["bash"], []]
+    if shutil.which("dash"):
+        shells.append(["dash"])
+    return shells
+
+
+@pytest.mark.parametrize("shell", _shells(), ids=lambda s: " ".join(s) or "./")
+def test_the_smoke_script_starts_under_every_shell(shell, tmp_path):
+    """`sh cog_test_train.sh --help` must not stop at a bash-only line (dash refuses `set -o pipefail`)."""
+    script = REPO_ROOT / "cog_test_train.sh"
+    # Started from another folder: the script must find the repository by itself.
+    result = subprocess.run([*shell, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: cog_test_train.sh" in result.stdout and "--tiny" in result.stdout
+    assert result.stderr == ""
+
+
 def test_prediction_server_with_edens_tar_as_cog_weights(file_server, trained_sdxl, model_cache, s3_server, tmp_path):
     """COG_WEIGHTS is the URL of Eden's .tar; the images equal those of our zip of the same weights."""
     import numpy as np
@@ -273,10 +293,11 @@ def test_prediction_server_with_edens_tar_as_cog_weights(file_server, trained_sd
 
 
 def test_the_smoke_script_runs_the_main_job_offline(model_cache, tmp_path):
-    """`./cog_test_train.sh --tiny` (the README's main command): train, then predict, through the real server."""
+    """`sh cog_test_train.sh --tiny` (the README's main command, typed as Eden's README types it): train, then
+    predict, through the real server."""
     out = tmp_path / "smoke"
     env = {**os.environ, "TRAINER_MODEL_CACHE": str(model_cache)}
-    result = subprocess.run([str(REPO_ROOT / "cog_test_train.sh"), "--tiny", "--steps", "2", "--out", str(out)],
+    result = subprocess.run(["sh", str(REPO_ROOT / "cog_test_train.sh"), "--tiny", "--steps", "2", "--out", str(out)],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "POST /trainings" in result.stdout and "POST /predictions" in result.stdout

@@ -43,8 +43,8 @@ def test_input_defaults_are_the_config_defaults():
     assert len(shared) >= 20
     for name in shared:
         default = fields[name].default
-        if name in ("concept_mode", "lora_training_urls"):
-            continue  # required in the config; the API reports them missing itself
+        if name == "lora_training_urls":
+            continue  # required in the config; the API reports it missing itself
         if name == "name":
             assert train_module.DEFAULTS[name] is None
             continue
@@ -83,7 +83,7 @@ def test_direct_call_uses_the_declared_defaults():
     request = _request(lora_training_urls=URL, concept_mode="face")
     config = request.config
     assert config.concept_mode == "face" and config.max_train_steps == 300 and config.caption_model == "florence"
-    assert config.name.startswith("face-") and config.sd_model_version is None
+    assert config.name == "photos.zip" and config.sd_model_version is None  # Eden: the name comes from the URL
     assert request.destination is None and request.allow_local_sources is False
     assert unwrap_inputs({"x": inspect.signature(train_module.train).parameters["lora_rank"].default}) == {"x": 16}
 
@@ -114,12 +114,12 @@ def test_training_args_set_any_other_key_and_pasted_files_work():
         ({"training_args": '{"output_uri": "s3://b/x"}'}, "output_uri is an input of its own"),
         ({"training_args": '{"model_cache_dir": "/"}'},
          r"model_cache_dir may not be set by a request \(the model cache"),
-        ({"concept_mode": None}, "concept_mode is required"),
         ({"lora_training_urls": None}, "no training images: give lora_training_urls"),
         ({"lora_training_urls": "./photos"}, "'./photos' is a local path, which this server does not read"),
         ({"lora_training_urls": "[not json"}, "looks like a JSON list but does not parse"),
         ({"n_tokens": 0}, r"n_tokens must be in \[1, 16\], got 0"),
-        ({"resolution": "1000"}, "resolution must be a multiple of 64"),
+        ({"resolution": "32"}, r"resolution must be in \[64, 2048\], got '32'"),
+        ({"resolution": 2049}, r"resolution must be in \[64, 2048\], got 2049"),
         ({"training_args": '{"device": "xpu"}'}, "no Intel XPU is available"),
         ({"training_args": '{"ckpt_path": "./no/such/model"}'},
          r"ckpt_path './no/such/model' is not a hub id .* or an http"),
@@ -131,6 +131,23 @@ def test_bad_inputs_are_refused_before_any_work(given, message):
     values = {"lora_training_urls": URL, "concept_mode": "object", **given}
     with pytest.raises(ValueError, match=message):
         _request(**values)
+
+
+def test_every_call_edens_cog_model_accepts_is_accepted():
+    """Eden's cog model (predict.py, the version that builds a TrainingConfig): ``lora_training_urls`` is its only
+    required input; ``concept_mode`` defaults to style; its other inputs with their defaults."""
+    assert inspect.signature(train_module.train).parameters["concept_mode"].default.default == "style"
+    assert _request(lora_training_urls=URL, concept_mode=None).config.concept_mode == "style"
+    eden_call = {"name": "unnamed", "lora_training_urls": URL, "concept_mode": "style", "sd_model_version": "sdxl",
+                 "max_train_steps": 300, "checkpointing_steps": 10000, "resolution": 512, "unet_lr": 0.0003,
+                 "ti_lr": 0.001, "lora_rank": 16, "n_tokens": 3, "train_batch_size": 4, "validation_img_size": 1024,
+                 "sample_imgs_lora_scale": None, "seed": None}
+    assert set(eden_call) <= set(inspect.signature(train_module.train).parameters)
+    config = _request(**eden_call).config
+    assert (config.name, config.concept_mode, config.validation_img_size) == ("unnamed", "style", 1024)
+    # Values Eden takes without complaint: a resolution that is not a multiple of 64, face mode, sd15.
+    odd = _request(**{**eden_call, "resolution": 600, "concept_mode": "face", "sd_model_version": "sd15"}).config
+    assert (odd.resolution, odd.concept_mode, odd.sd_model_version) == (600, "face", "sd15")
 
 
 def test_same_value_in_both_places_is_not_a_conflict():

@@ -13,8 +13,9 @@ from torch import nn
 from trainer.adapters import dora
 
 ADAPTER_NAME = "default"
-#: The attention projections, as in the Eden, cog-sdxl and diffusers pivotal-tuning trainers.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: The attention projections and the second convolution of every ResNet block, as Eden's trainer targets them
+#: (``get_unet_lora_parameters`` in its trainer/optimizer.py).
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv2")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
@@ -38,7 +39,8 @@ def _upcast_trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def add_unet_lora(unet, rank: int, alpha: float, use_dora: bool = False) -> list[nn.Parameter]:
-    """Inject LoRA into the UNet's attention projections; returns the new (fp32, trainable) parameters."""
+    """Inject LoRA (or DoRA) into the UNet's attention projections and ResNet conv2 layers; returns the new (fp32,
+    trainable) parameters."""
     unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS), adapter_name=ADAPTER_NAME)
     if use_dora:
         dora.add_dora(unet)

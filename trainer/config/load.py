@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from trainer.config.schema import TrainingConfig, field_bounds
+
+logger = logging.getLogger(__name__)
 
 #: Names used by neighbouring tools (invoke-training, diffusers' scripts, kohya) mapped to ours, so that an unknown
 #: key from those tools gets a precise suggestion.
@@ -45,6 +48,20 @@ SYNONYMS: dict[str, str] = {
 }
 
 
+#: Keys that Eden's code passes or tolerates but that mean nothing here: its cog model's inputs (``verbose``,
+#: ``debug``-like switches, ``run_name``, ``hard_pivot``, ``off_ratio_power``, ``lora_param_scaler``), fields of its
+#: earlier ``TrainingConfig`` versions that its saved ``training_args.json`` files carry, and the run summary its
+#: older cog model saved under that name. Eden's pydantic model ignores unknown keys; here these are accepted with
+#: one warning and every other unknown key is refused.
+EDEN_IGNORED_KEYS = frozenset({
+    "verbose", "hard_pivot", "off_ratio_power", "run_name", "lora_param_scaler", "do_cache", "train_dataset_cache",
+    "crops_coords_top_left_h", "crops_coords_top_left_w", "clip_grad_norm", "token_embedding_lr_warmup_steps",
+    "unet_learning_rate", "lr_num_cycles", "lr_power", "scale_lr", "scale_lr_based_on_grad_acc", "args_dict",
+    "checkpoint", "num_training_images", "num_augmented_images", "trigger_text", "segmentation_prompt",
+    "trainig_captions",
+})
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the fields, the rule and the values."""
 
@@ -62,7 +79,7 @@ def _check_unknown_keys(data: Mapping[str, Any]) -> None:
     for key in data:
         if key in known:
             continue
-        hint = suggest(key, known)
+        hint = suggest(key, [*known, *EDEN_IGNORED_KEYS])
         problems.append(f"unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
     if problems:
         raise ConfigError("Invalid training config: " + "; ".join(problems))
@@ -111,11 +128,30 @@ def _format_validation_error(error: ValidationError) -> str:
     return redact_text("Invalid training config: " + "; ".join(lines))
 
 
+def _drop_eden_ignored(data: dict[str, Any]) -> None:
+    """Remove the keys Eden tolerates that mean nothing here, and Eden's saved device when this machine lacks it;
+    one warning names them all."""
+    ignored = sorted(key for key in data if key in EDEN_IGNORED_KEYS)
+    for key in ignored:
+        del data[key]
+    notes = [", ".join(ignored)] if ignored else []
+    # Eden's saved configs name the GPU it picked (the XPU fork its default); Eden ignores that value on loading.
+    from trainer.device import is_missing_numbered_gpu
+
+    device = data.get("device")
+    if is_missing_numbered_gpu(device):
+        data["device"] = "auto"
+        notes.append(f"device {device!r} (not on this machine; using auto)")
+    if notes:
+        logger.warning("ignoring settings of Eden's trainer that mean nothing here: %s", "; ".join(notes))
+
+
 def load_config(source: Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None) -> TrainingConfig:
     """Build a validated config from a dict or a JSON file, with optional overrides applied on top."""
     data = read_json(Path(source)) if isinstance(source, (str, Path)) else dict(source)
     if overrides:
         data.update(overrides)
+    _drop_eden_ignored(data)
     _check_unknown_keys(data)
     try:
         return TrainingConfig.model_validate(data)

@@ -9,12 +9,18 @@ attribute docstring: the README's parameter table is generated from them (``pyth
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
+import string
 import types
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
 
 CONCEPT_MODES = ("face", "style", "object")
 
@@ -62,6 +68,8 @@ PositiveScale = Annotated[float, Field(gt=0.0, le=MAX_LORA_SCALE)]
 Steps = Annotated[int, Field(ge=0, le=MAX_TRAIN_STEPS)]
 Rank = Annotated[int, Field(ge=1, le=MAX_RANK)]
 Side = Annotated[int, Field(ge=SIZE_MULTIPLE, le=MAX_RESOLUTION)]
+#: A sample side: Eden rounds it to a multiple of 64 (at least 64), so any side from 8 up is accepted.
+SampleSide = Annotated[int, Field(ge=8, le=MAX_RESOLUTION)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Location = Annotated[str, Field(max_length=MAX_LOCATION_CHARS)]
 TokenText = Annotated[str, Field(max_length=MAX_TOKEN_CHARS)]
@@ -70,8 +78,54 @@ Sources = Union[Annotated[str, Field(max_length=MAX_SOURCES_CHARS)],
                 Annotated[list[Location], Field(max_length=MAX_SOURCES)]]
 
 
+def _round_side(value: float) -> int:
+    """Eden's rounding of a size's side: the nearest multiple of 64, at least 64."""
+    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
 def default_token_list(n_tokens: int) -> list[str]:
     return [f"<s{i}>" for i in range(n_tokens)]
+
+
+#: Characters Eden's ``remove_delimiter_characters`` (trainer/checkpoint.py) turns into ``_`` in a run name.
+_NAME_DELIMITERS = ' /\\:*?"<>|'
+#: Eden keeps the first 40 characters of the name it takes from the training URL (trainer/config.py).
+EDEN_NAME_CHARS = 40
+
+
+def run_name_from_urls(urls: Union[str, list[str]]) -> Optional[str]:
+    """Eden's default run name: the last path part of ``lora_training_urls``, cut to 40 characters, delimiters as
+    ``_`` (``TrainingConfig.__init__`` in Eden's trainer/config.py). Of a URL only its path counts: user name,
+    password, host, query string and fragment never become part of file names or of ``training_args.json`` (a
+    presigned signature, ``https://user:password@host``). ``None`` when nothing is left, and for a ``data:`` URI."""
+    raw = urls if isinstance(urls, str) else (str(urls[-1]) if urls else "")
+    # Several sources in one text: Eden's basename is that of the last one.
+    raw = re.split(r"[|\r\n]+", raw.strip())[-1].strip().strip("'\"")
+    if raw[:5].lower() == "data:":
+        return None
+    raw = urlsplit(raw).path if "://" in raw else raw.split("#", 1)[0].split("?", 1)[0]
+    name = raw.rsplit("/", 1)[-1][:EDEN_NAME_CHARS]
+    for char in _NAME_DELIMITERS:
+        name = name.replace(char, "_")
+    return name if name.strip("_. ") else None
+
+
+def check_prompt_template(template: str) -> None:
+    """``prompt_modifier`` is a ``str.format`` template with the caption as its only argument (Eden applies
+    ``template.format(caption)``); refuse templates that would fail or reach into the caption object."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"prompt_modifier {template!r} is not a valid template ({error}); write {{}} where the "
+                         "caption goes and {{ }} for literal braces") from None
+    bad = [name for name in fields if name not in ("", "0")]
+    if bad:
+        raise ValueError(f"prompt_modifier {template!r} may only use {{}} (the caption), got {{{bad[0]}}}; write "
+                         "{{ }} for literal braces")
+    try:
+        template.format("caption")
+    except (ValueError, IndexError) as error:
+        raise ValueError(f"prompt_modifier {template!r} is not a valid template ({error})") from None
 
 
 class TrainingConfig(BaseModel):
@@ -92,22 +146,34 @@ class TrainingConfig(BaseModel):
     http(s) URL, an `s3://bucket/key` or `s3://bucket/prefix/`, or a local file or folder. Zip and tar archives,
     single images and nested folders are unpacked."""
 
-    concept_mode: Literal["face", "style", "object"]
+    concept_mode: Literal["face", "style", "object"] = "style"
     """What the LoRA learns: a `face` (person or character), a `style` (the look of a collection) or an `object`.
-    Sets the trigger placement in captions, masking, flips and the token initialisation."""
+    Sets the trigger placement in captions, masking, flips and the token initialisation. `style` when not given, as
+    Eden's cog model defaults."""
 
     caption_prefix: Text = ""
-    """Hard-coded caption prefix put before every caption (after the trigger). Empty to disable."""
+    """Text that replaces the automatic trigger in front of every caption, as Eden's: `<prefix>, <caption>`, and
+    `TOK, ` in front of that when the prefix does not name the trigger (`a photo of TOK` gives
+    `a photo of TOK, <caption>`). Empty: the trigger per concept mode (`TOK, <caption>`, or
+    `in the style of TOK, <caption>` for styles)."""
+
+    caption_trigger: Literal["eden", "where_given"] = "eden"
+    """Where the trigger goes in the training captions. `eden`: Eden's placement (see `caption_prefix`), in front of
+    every caption, also one that names the trigger already. `where_given`: a caption or prefix that names the
+    trigger keeps it where it is, without a second one in front."""
 
     prompt_modifier: Optional[Text] = None
-    """Extra text appended to every training caption and sampling prompt."""
+    """A `str.format` template applied to every training caption and sampling prompt, as Eden does: `{}` stands for
+    the caption, so `{} in pixel art` turns `TOK, a cat` into `TOK, a cat in pixel art`. A template without `{}`
+    replaces every caption by its text (Eden's rule; a warning says so)."""
 
     caption_model: Literal["gpt4-v", "blip", "florence", "no_caption"] = "florence"
     """Model that captions images that have no caption of their own. `no_caption` leaves them with the trigger
     only."""
 
     caption_dropout: Fraction = 0.1
-    """Fraction of training samples whose caption is replaced by the empty prompt (robustness, CFG)."""
+    """Fraction of training samples whose caption is replaced by the trigger tokens alone (`<s0><s1><s2>`), as
+    Eden's. With `disable_ti` there are no trigger tokens and the dropped caption is empty."""
 
     caption_model_path: Optional[Location] = None
     """The captioning model: a hub id or local folder for `blip` (default `Salesforce/blip-image-captioning-large`)
@@ -151,18 +217,23 @@ class TrainingConfig(BaseModel):
 
     # -------------------------------------------------------------------------------------------------- sizes
     resolution: Side = 512
-    """Training resolution: images are trained at about resolution² pixels. Multiple of 64."""
+    """Training resolution: images are trained at about resolution² pixels at the mean aspect ratio (width / height)
+    of the training images, each side rounded to the nearest multiple of 64, as Eden computes it (512 with images of
+    mean aspect 1.33 trains at 576×448). A value that is not a multiple of 64 is accepted with a warning giving the
+    size used."""
 
-    validation_img_size: Optional[Union[Side, Annotated[list[Side], Field(min_length=2, max_length=2)]]] = None
-    """Sample image size: an int gives about that² pixels at the training aspect ratio, `[width, height]` an exact
-    size, `None` the training size (1024 for SDXL and 512 for SD1.5 when training smaller)."""
+    validation_img_size: Optional[Union[SampleSide, Annotated[list[SampleSide], Field(min_length=2,
+                                                                                 max_length=2)]]] = None
+    """Sample image size: an int gives about that² pixels at the training aspect ratio, `[width, height]` that size;
+    every side is rounded to the nearest multiple of 64, as in Eden. `None`: 1024 for SDXL, 768 for SD1.5."""
 
     train_img_size: Optional[Annotated[list[Side], Field(min_length=1, max_length=2)]] = None
-    """Exact training size `[width, height]` (or `[side]`). Overrides `resolution` and `train_aspect_ratio`."""
+    """Exact training size `[width, height]` (or `[side]`), overriding the size Eden computes from `resolution` and
+    the images (Eden itself always computes it)."""
 
     train_aspect_ratio: Optional[Annotated[float, Field(ge=0.25, le=4.0)]] = None
-    """Force one training aspect ratio (width / height) at about resolution² pixels. `None` is square, unless
-    `aspect_ratio_bucketing` is on."""
+    """Force one training aspect ratio (width / height) at about resolution² pixels. `None`: the mean aspect ratio
+    of the training images (Eden's rule), unless `aspect_ratio_bucketing` is on."""
 
     aspect_ratio_bucketing: bool = False
     """Train each image near its own aspect ratio: images are grouped into buckets of about resolution² pixels and
@@ -173,15 +244,22 @@ class TrainingConfig(BaseModel):
     """Images per step (per device, before gradient accumulation)."""
 
     max_train_steps: Optional[Annotated[int, Field(ge=1, le=MAX_TRAIN_STEPS)]] = 300
-    """Number of optimisation steps. When both this and `num_train_epochs` are given, this wins (as in the Eden
-    trainer); set only `num_train_epochs` to train by epochs."""
+    """Number of optimisation steps. It always wins over `num_train_epochs`, as in Eden (which derives the epochs
+    from it); set it to `null` explicitly to train by `num_train_epochs` instead."""
 
     num_train_epochs: Optional[Annotated[int, Field(ge=1, le=MAX_TRAIN_STEPS)]] = None
-    """Train for this many passes over the data instead of `max_train_steps`."""
+    """Passes over the data. As in Eden, only used when `max_train_steps` is explicitly `null`; otherwise it is
+    derived from `max_train_steps` and written back."""
 
     checkpointing_steps: Steps = 10000
     """Save a checkpoint (LoRA, embeddings, resumable state, samples) every N steps; one is always saved at the
-    end. 0 saves only at the end."""
+    end. With `checkpoint_rule: eden` (the default) the steps counted are 0, N, 2N, ... that lie more than 25 steps
+    before the end, and 0 means every `max_train_steps` (so only step 0), as in Eden."""
+
+    checkpoint_rule: Literal["eden", "every"] = "eden"
+    """When intermediate checkpoints are saved. `eden`: Eden's rule, at step 0 (before training, the baseline
+    samples), N, 2N, ... while more than 25 steps remain. `every`: every N steps up to the end, none at step 0, and
+    `checkpointing_steps: 0` saves only at the end."""
 
     max_checkpoints: Optional[Annotated[int, Field(ge=1, le=MAX_TRAIN_STEPS)]] = None
     """Keep at most this many intermediate checkpoints (oldest removed first). `None` keeps all."""
@@ -201,7 +279,10 @@ class TrainingConfig(BaseModel):
     """Optimiser for the UNet (LoRA or full). `AdamW8bit` needs bitsandbytes on a CUDA device."""
 
     unet_lr_warmup_steps: Optional[Steps] = None
-    """Steps of linear warm-up of the UNet learning rate. `None` means 0."""
+    """Warm-up of the UNet learning rate. With `lr_scheduler: eden` the rate grows exponentially from a cold rate
+    (5e-5; 2e-4 with `disable_ti`; 1e-5 for a full fine-tune) by (unet_lr / cold)^(step / this), as Eden's, and
+    `None` spreads that over the whole run (`max_train_steps`). With another `lr_scheduler`: steps of linear
+    warm-up, `None` meaning 0."""
 
     unet_lr: LearningRate = 0.0003
     """UNet learning rate (AdamW). Prodigy runs at lr 1.0 and adapts; see `prodigy_d_coef`."""
@@ -219,21 +300,24 @@ class TrainingConfig(BaseModel):
     """LoRA rank of the UNet adapters."""
 
     lora_alpha_multiplier: Annotated[float, Field(gt=0.0, le=MAX_RANK)] = 1.0
-    """LoRA alpha = `lora_rank` × this. The exported file carries this true alpha."""
+    """LoRA alpha = rank × this, for the UNet LoRA (`lora_rank`) and the text-encoder LoRA
+    (`text_encoder_lora_rank`), as Eden's. The exported files carry these true alphas."""
 
     use_dora: bool = False
-    """Train DoRA (weight-decomposed LoRA) instead of plain LoRA."""
+    """Train DoRA (weight-decomposed LoRA) instead of plain LoRA. As in Eden, it sets `l1_penalty`,
+    `lora_weight_decay` and `text_encoder_lora_weight_decay` to 0."""
 
     freeze_unet_before_completion_f: Fraction = 0.0
-    """Stop training the UNet this fraction of the steps before the end (the tail trains only what else is on)."""
+    """The UNet stays frozen until this fraction of the run is done and trains from there to the end (Eden's
+    meaning: 0.3 trains it over the last 70%)."""
 
     l1_penalty: LossWeight = 0.03
     """L1 penalty on the LoRA weights (mean absolute value of the LoRA matrices, times this), for sparsity."""
 
     # ---------------------------------------------------------------------------------------------- tokens
     disable_ti: bool = False
-    """Do not learn new tokens: the trigger stays a plain word in captions and prompts (DreamBooth style) and
-    only the LoRA trains."""
+    """Do not learn new tokens: only the LoRA trains. As in Eden, no trigger is added to the captions and the
+    trigger word is removed from them (so a style LoRA trains on the plain captions)."""
 
     n_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 3
     """Number of new token vectors standing for `TOK` (per text encoder)."""
@@ -259,13 +343,15 @@ class TrainingConfig(BaseModel):
     tokens; its vector count must equal `n_tokens`."""
 
     ti_lr: LearningRate = 0.001
-    """Learning rate of the new token embeddings."""
+    """Learning rate of the new token embeddings. With `lr_scheduler: eden` it decays over the run as
+    ti_lr × (1 − f)^1.7 (f: the fraction of the run done), as Eden's."""
 
     ti_lr_warmup_steps: Steps = 0
     """Steps of linear warm-up of the token learning rate."""
 
     ti_optimizer: Literal["adamw", "prodigy"] = "adamw"
-    """Optimiser for the new token embeddings (its state covers only the new rows)."""
+    """Optimiser for the new token embeddings (its state covers only the new rows). With `lr_scheduler: eden`,
+    Prodigy runs at its own rate for the whole run, without the pivot, as in Eden."""
 
     ti_weight_decay: WeightDecay = 0.0
     """Weight decay of the new token embeddings."""
@@ -274,15 +360,16 @@ class TrainingConfig(BaseModel):
     """First steps during which only the token embeddings train (the UNet and text-encoder LoRA wait)."""
 
     freeze_ti_after_completion_f: Fraction = 0.7
-    """The pivot: token embeddings stop training after this fraction of the steps. From then on, text-encoder
-    outputs are cached when nothing else in the text side trains."""
+    """The pivot: token embeddings stop training once more than this fraction of the run is done. From then on,
+    text-encoder outputs are cached when nothing else in the text side trains."""
 
     # -------------------------------------------------------------------------------------- text-encoder LoRA
     text_encoder_lora_optimizer: Optional[Literal["adamw"]] = None
     """Set to `adamw` to also train LoRA adapters in the text encoder(s). `None` skips them."""
 
     text_encoder_lora_lr: LearningRate = 1.0e-5
-    """Learning rate of the text-encoder LoRA."""
+    """Learning rate of the text-encoder LoRA, which trains to the end of the run. With `lr_scheduler: eden` it
+    decays as lr × (1 − f)^2 (f: the fraction of the run done) after its warm-up, as Eden's."""
 
     txt_encoders_lr_warmup_steps: Steps = 200
     """Steps of linear warm-up of the text-encoder LoRA learning rate."""
@@ -291,13 +378,14 @@ class TrainingConfig(BaseModel):
     """Weight decay of the text-encoder LoRA."""
 
     text_encoder_lora_rank: Rank = 16
-    """LoRA rank of the text-encoder adapters."""
+    """LoRA rank of the text-encoder adapters (their alpha is this × `lora_alpha_multiplier`)."""
 
     # ---------------------------------------------------------------------------------- optimisation shared
     lr_scheduler: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
-    ] = "constant"
-    """Learning-rate schedule after warm-up, applied to every optimiser (each with its own warm-up)."""
+        "eden", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "eden"
+    """Learning-rate schedules. `eden`: Eden's, one per part (see `unet_lr_warmup_steps`, `ti_lr`,
+    `text_encoder_lora_lr`). The others apply one schedule to every optimiser after its own linear warm-up."""
 
     max_grad_norm: Optional[Annotated[float, Field(gt=0.0, le=1e4)]] = None
     """Clip the gradient norm of each parameter group to this value. `None` does not clip."""
@@ -351,13 +439,16 @@ class TrainingConfig(BaseModel):
     """Add augmented copies (crops, flips) until the dataset has at least this many images. 0 disables it."""
 
     mask_target_prompts: Optional[Text] = None
-    """Text prompts for CLIPSeg masks (for example `a face`); the masks weight the loss and guide the crops."""
+    """Text prompts for CLIPSeg masks (for example `a face`); the masks weight the loss and guide the crops. `None`:
+    `face` in face mode and no mask otherwise, as in Eden (which also ignores prompts given in style mode and
+    replaces them by `face` in face mode; here a given prompt is used)."""
 
     crop_based_on_salience: bool = True
     """Crop around the mask or a saliency map instead of the centre."""
 
     use_face_detection_instead: bool = False
-    """Use a face detector instead of CLIPSeg to make the masks (face mode does so by default)."""
+    """Use a face detector instead of CLIPSeg to make the masks (face mode masks with CLIPSeg `face` otherwise, as
+    Eden's)."""
 
     clipseg_temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5
     """Softness of the CLIPSeg masks: higher gives softer masks."""
@@ -370,7 +461,7 @@ class TrainingConfig(BaseModel):
     """Sample images generated with the trained tokens at each checkpoint and at the end (0 disables)."""
 
     sample_imgs_lora_scale: Optional[LoraScale] = None
-    """LoRA scale for the sample images. `None` is 1.0."""
+    """LoRA scale for the sample images. `None` (or 0, as in Eden): 0.75 for SDXL, 0.85 for SD1.5."""
 
     validation_prompts: Optional[Annotated[list[Text], Field(max_length=MAX_SAMPLE_IMAGES)]] = None
     """Prompts for the sample images (use `TOK`). Default: a set per concept mode."""
@@ -420,14 +511,17 @@ class TrainingConfig(BaseModel):
 
     # ------------------------------------------------------------------------------------------------ run
     name: Optional[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] = None
-    """Name of the run and of the output files. Default: derived from the concept mode and the time."""
+    """Name of the run and of the output files. Default: as in Eden, the last part of `lora_training_urls` (at most
+    40 characters, `xander.zip` for `https://host/sets/xander.zip`); the concept mode when that is empty."""
 
     output_dir: Location = "eden_lora_training_runs"
     """Folder under which each run gets its own folder."""
 
     device: Annotated[str, Field(max_length=32)] = "auto"
     """`auto`, `cpu`, `cuda[:N]`, `xpu[:N]` or `mps`. `auto` picks cuda, then xpu, then mps, then cpu. (The XPU
-    fork defaulted to `xpu:0`; `auto` gives the same on an XPU machine and still runs elsewhere.)"""
+    fork defaulted to `xpu:0`; `auto` gives the same on an XPU machine and still runs elsewhere.) A `cuda:N` or
+    `xpu:N` that this machine lacks, as Eden's saved `training_args.json` files carry (Eden ignores it and picks
+    the best GPU), becomes `auto` with a warning when the file is loaded."""
 
     weight_type: Literal["fp16", "bf16", "fp32"] = "bf16"
     """Precision of the frozen weights and of autocast. Trainable weights stay fp32. Falls back, with a warning,
@@ -513,14 +607,6 @@ class TrainingConfig(BaseModel):
             raise ValueError("evaluation_lora_scales must be distinct LoRA scales > 0, for example [0.8, 1.0]")
         return value
 
-    @field_validator("resolution")
-    @classmethod
-    def _resolution_multiple(cls, value: int) -> int:
-        if value % SIZE_MULTIPLE:
-            raise ValueError(f"resolution must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}, got "
-                             f"{value}")
-        return value
-
     @field_validator("train_img_size")
     @classmethod
     def _train_size_multiple(cls, value: Optional[list[int]]) -> Optional[list[int]]:
@@ -529,21 +615,53 @@ class TrainingConfig(BaseModel):
                              f"got {value}")
         return value
 
-    @field_validator("validation_img_size")
-    @classmethod
-    def _sample_size_multiple(cls, value: Optional[Union[int, list[int]]]) -> Optional[Union[int, list[int]]]:
-        if isinstance(value, list) and any(side % 8 for side in value):
-            raise ValueError(f"validation_img_size as a list must be [width, height] with multiples of 8, got {value}")
-        if isinstance(value, int) and value % 8:
-            raise ValueError(f"validation_img_size must be a multiple of 8, got {value}")
-        return value
-
     @field_validator("initializer_token")
     @classmethod
     def _single_word(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and (not value.strip() or len(value.split()) != 1):
             raise ValueError(f"initializer_token must be a single word, got {value!r} (use initial_phrase for "
                              "several words)")
+        return value
+
+    @field_validator("prompt_modifier")
+    @classmethod
+    def _prompt_template(cls, value: Optional[str]) -> Optional[str]:
+        if value:
+            check_prompt_template(value)
+            if "{" not in value.replace("{{", ""):
+                logger.warning("prompt_modifier %r has no {} placeholder: as in Eden (str.format), every caption "
+                               "and sample prompt becomes %r", value, value.format())
+        return value
+
+    # Eden rounds sizes rather than refusing them: a value inside the bounds of its type that is not a multiple of
+    # 64 is kept (or rounded) with a warning; a value past the bounds is refused before these run.
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_rounds(cls, value: int) -> int:
+        if value % SIZE_MULTIPLE:
+            used = _round_side(value)
+            logger.warning("resolution %d is not a multiple of %d: as in Eden, each side of the training size is "
+                           "rounded to one (%dx%d for square images)", value, SIZE_MULTIPLE, used, used)
+        return value
+
+    @field_validator("validation_img_size", mode="before")
+    @classmethod
+    def _no_validation_size(cls, value: Any) -> Any:
+        # Eden: `if not config.validation_img_size` takes the model's default.
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0 else value
+
+    @field_validator("validation_img_size")
+    @classmethod
+    def _validation_size_rounds(cls, value: Optional[Union[int, list[int]]]) -> Optional[Union[int, list[int]]]:
+        if isinstance(value, list):
+            used = [_round_side(side) for side in value]
+            if used != value:
+                logger.warning("validation_img_size %s rounded to %s: as in Eden, every side is a multiple of %d",
+                               value, used, SIZE_MULTIPLE)
+            return used
+        if value is not None and value % SIZE_MULTIPLE:
+            logger.warning("validation_img_size %d is not a multiple of %d: as in Eden, each side of the sample size "
+                           "is rounded to one", value, SIZE_MULTIPLE)
         return value
 
     @model_validator(mode="after")
@@ -555,7 +673,7 @@ class TrainingConfig(BaseModel):
                 errors.append(message)
 
         # Steps vs epochs: at least one. Eden writes both (it derives the epochs from the steps), so both being set
-        # is allowed and max_train_steps wins unless only the epochs were given explicitly.
+        # is allowed and max_train_steps wins unless it is explicitly null (Eden's rule).
         check(
             self.max_train_steps is not None or self.num_train_epochs is not None,
             "set max_train_steps or num_train_epochs: both are null",
@@ -591,6 +709,17 @@ class TrainingConfig(BaseModel):
 
         if errors:
             raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
+    def _eden_dora_settings(self) -> TrainingConfig:
+        # Eden's TrainingConfig.__init__: DoRA trains without the L1 penalty and the LoRA weight decays.
+        if self.use_dora:
+            fields = ("l1_penalty", "lora_weight_decay", "text_encoder_lora_weight_decay")
+            zeroed = [f for f in fields if getattr(self, f)]
+            if zeroed:
+                logger.info("use_dora: %s set to 0, as in Eden", ", ".join(zeroed))
+            self.l1_penalty = self.lora_weight_decay = self.text_encoder_lora_weight_decay = 0.0
         return self
 
     def _derive_tokens(self, errors: list[str]) -> None:
@@ -634,6 +763,11 @@ class TrainingConfig(BaseModel):
     def trigger(self) -> str:
         """The word captions and prompts use for the concept (the first key of `token_dict`)."""
         return next(iter(self.token_dict)) if self.token_dict else "TOK"
+
+    @property
+    def run_name(self) -> str:
+        """The run's name: `name`, else Eden's (from the training URL), else the concept mode."""
+        return self.name or run_name_from_urls(self.lora_training_urls) or self.concept_mode
 
     def to_json_dict(self) -> dict[str, Any]:
         """The settings as JSON, for ``training_args.json``: URLs lose their credentials and signatures, since the

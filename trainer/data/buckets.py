@@ -15,7 +15,7 @@ from collections import Counter
 
 from trainer.config.schema import SIZE_MULTIPLE, TrainingConfig
 from trainer.data.report import PrepReport
-from trainer.data.sizes import fixed_training_size
+from trainer.data.sizes import fixed_training_size, round_to_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,10 @@ def training_sizes(config: TrainingConfig, original_sizes: list[Size], report: P
             )
         else:
             min_count = min(config.train_batch_size, len(original_sizes))
-            assigned = assign_buckets(original_sizes, config.resolution, min_count)
+            assigned = assign_buckets(original_sizes, round_to_multiple(config.resolution), min_count)
             counts = Counter(assigned)
             logger.info("aspect-ratio buckets: %s", ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(counts.items())))
             return assigned
-    return [fixed_training_size(config)] * len(original_sizes)
+    size = fixed_training_size(config, original_sizes)
+    logger.info("training size %dx%d (width x height)", size[1], size[0])
+    return [size] * len(original_sizes)

@@ -1,4 +1,11 @@
-"""Caption text rules: where the trigger goes, how it becomes the trained tokens, and tidying generated text."""
+"""Caption text rules: where the trigger goes, how it becomes the trained tokens, and tidying generated text.
+
+The training caption follows Eden's preprocessing (``post_process_captions`` and
+``load_and_save_masks_and_captions`` in trainer/preprocess.py of edenartlab/sd-lora-trainer): the caption is tidied
+(its ``fix_prompt``), the trigger (or ``caption_prefix``) put in front, ``prompt_modifier`` applied as a
+``str.format`` template, and ``TOK, `` put in front of what still lacks the trigger. The one deliberate difference:
+the trigger matches as a whole word only, where Eden's substring tests also hit ``TOKYO``.
+"""
 
 from __future__ import annotations
 
@@ -39,26 +46,56 @@ def normalise_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
-def place_trigger(caption: str, trigger: str, concept_mode: str, caption_prefix: str = "",
-                  prompt_modifier: str | None = None) -> str:
-    """Build the training caption: the trigger placed per concept mode, then the prefix, caption and modifier.
+def eden_fix_prompt(text: str) -> str:
+    """Eden's ``fix_prompt`` (trainer/utils/utils.py): one space between words, no doubled commas, ``", "`` around
+    commas and ``". "`` around full stops."""
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r",,", ",", text)
+    text = re.sub(r"\s?,\s?", ", ", text)
+    text = re.sub(r"\s?\.\s?", ". ", text)
+    return text.strip()
 
-    face/object: ``"TOK, <prefix> <caption>"``; style: ``"in the style of TOK, <prefix> <caption>"``. A caption (or
-    prefix) that already names the trigger keeps it where it is.
+
+def apply_prompt_modifier(template: str | None, text: str) -> str:
+    """Eden's ``prompt_modifier.format(caption)``; the template was checked when the config was loaded."""
+    return template.format(text) if template else text
+
+
+def place_trigger(caption: str, trigger: str, concept_mode: str, caption_prefix: str = "",
+                  prompt_modifier: str | None = None, *, disable_ti: bool = False, rewritten: bool = False,
+                  rule: str = "eden") -> str:
+    """Build the training caption, as Eden does.
+
+    - no ``caption_prefix``: ``TOK, <caption>`` (face, object) or ``in the style of TOK, <caption>`` (style), even
+      when the caption names the trigger already; captions a GPT pass ``rewritten`` around the trigger keep it;
+    - with a prefix: ``<prefix>, <caption>``;
+    - then ``prompt_modifier`` as a template, then ``TOK, `` in front when the trigger is still missing;
+    - ``disable_ti``: no trigger at all, and the trigger word is taken out of the caption.
+
+    ``rule="where_given"`` (``caption_trigger``) keeps this project's earlier placement instead: a caption or prefix
+    that names the trigger keeps it where it is and gets no lead.
     """
-    caption = normalise_whitespace(caption)
-    parts = []
-    if caption_prefix.strip():
-        parts.append(normalise_whitespace(caption_prefix))
-    if caption:
-        parts.append(caption)
-    body = " ".join(parts)
-    if not contains_trigger(body, trigger):
+    text = eden_fix_prompt(caption)
+    if disable_ti:
+        text = apply_prompt_modifier(prompt_modifier, text)
+        text = re.sub(trigger_pattern(trigger).pattern + r", ", ", ", text)
+        return normalise_whitespace(replace_trigger(text, trigger, ""))
+    prefix = normalise_whitespace(caption_prefix)
+    if rule == "where_given":
+        body = " ".join(part for part in (prefix, normalise_whitespace(caption)) if part)
+        if not contains_trigger(body, trigger):
+            lead = STYLE_TEMPLATE.format(trigger=trigger) if concept_mode == "style" else trigger
+            body = f"{lead}, {body}" if body else lead
+        text = body
+    elif prefix:
+        text = eden_fix_prompt(f"{prefix}, {text}")
+    elif not rewritten:
         lead = STYLE_TEMPLATE.format(trigger=trigger) if concept_mode == "style" else trigger
-        body = f"{lead}, {body}" if body else lead
-    if prompt_modifier and prompt_modifier.strip():
-        body = f"{body}, {normalise_whitespace(prompt_modifier)}"
-    return body
+        text = eden_fix_prompt(f"{lead}, {text}")
+    text = apply_prompt_modifier(prompt_modifier, text)
+    if not contains_trigger(text, trigger):
+        text = f"{trigger}, {text}"
+    return text
 
 
 def clean_caption_text(text: str) -> str:

@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 DATASET_DIR = "dataset"
 SCRATCH_DIR = "_ingest"
 #: Bump when the output for the same inputs changes, so that older prepared datasets are not reused.
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 #: Side of the working copy that masks and saliency are computed on.
 WORK_SIDE = 1024
 #: Frames above this many pixels are reduced before the crops are rendered (see ``SourceImage.load``); below it the
@@ -76,7 +76,8 @@ MAX_ZOOM = max(ZOOM_PLAIN[1], ZOOM_MIRRORED[1])
 UPSCALE_WARNING = 2.0
 #: Settings that change the prepared dataset; a dataset prepared with the same ones is reused.
 DATA_FIELDS = (
-    "lora_training_urls", "concept_mode", "caption_prefix", "prompt_modifier", "caption_model", "caption_model_path",
+    "lora_training_urls", "concept_mode", "caption_prefix", "caption_trigger", "prompt_modifier", "disable_ti",
+    "caption_model", "caption_model_path",
     "resolution", "train_img_size", "train_aspect_ratio", "aspect_ratio_bucketing", "train_batch_size",
     "left_right_flip_augmentation", "augment_imgs_up_to_n", "mask_target_prompts", "crop_based_on_salience",
     "use_face_detection_instead", "clipseg_temperature", "clipseg_model_path", "skip_gpt_cleanup", "seed",
@@ -245,6 +246,7 @@ def _caption_all(config: TrainingConfig, images: list[SourceImage], tables: list
     texts: list[str] = []
     sources: Counter = Counter()
     missing: list[int] = []
+    rewritten: set[int] = set()
     for i, image in enumerate(images):
         found = index.lookup(image.candidate, report)
         texts.append(found.text if found else "")
@@ -253,20 +255,25 @@ def _caption_all(config: TrainingConfig, images: list[SourceImage], tables: list
         else:
             missing.append(i)
     if missing and config.caption_model != "no_caption":
-        generated = _generate_captions(config, [images[i] for i in missing], limits)
+        generated, was_rewritten = _generate_captions(config, [images[i] for i in missing], limits)
         for i, text in zip(missing, generated, strict=True):
             texts[i] = text
+        if was_rewritten:
+            rewritten.update(missing)
         sources["model"] += len(missing)
     elif missing:
         sources["none"] += len(missing)
     final = [
-        place_trigger(text, config.trigger, config.concept_mode, config.caption_prefix, config.prompt_modifier)
-        for text in texts
+        place_trigger(text, config.trigger, config.concept_mode, config.caption_prefix, config.prompt_modifier,
+                      disable_ti=config.disable_ti, rewritten=i in rewritten, rule=config.caption_trigger)
+        for i, text in enumerate(texts)
     ]
     return final, sources
 
 
-def _generate_captions(config: TrainingConfig, images: list[SourceImage], limits: DataLimits) -> list[str]:
+def _generate_captions(config: TrainingConfig, images: list[SourceImage], limits: DataLimits
+                       ) -> tuple[list[str], bool]:
+    """The captions, and whether a GPT pass rewrote them around the trigger."""
     captioner = create_captioner(config, limits)
     assert captioner is not None
     logger.info("captioning %d image(s) with %s", len(images), captioner.name)
@@ -281,7 +288,7 @@ def _generate_captions(config: TrainingConfig, images: list[SourceImage], limits
     finally:
         captioner.close()
     wants_rewrite = (config.caption_model == "gpt4-v" and not config.skip_gpt_cleanup
-                     and not config.caption_prefix.strip() and config.concept_mode != "style")
+                     and not config.caption_prefix.strip() and config.concept_mode != "style" and not config.disable_ti)
     if wants_rewrite:
         from trainer.data.captioners.gpt4v import GPT4VCaptioner, inject_trigger
 
@@ -289,7 +296,7 @@ def _generate_captions(config: TrainingConfig, images: list[SourceImage], limits
         results = inject_trigger(captioner.client, results, config.trigger, config.concept_mode)
     for image, text in zip(images, results, strict=True):
         logger.debug("caption of %s: %s", image.candidate.label, text)
-    return results
+    return results, wants_rewrite
 
 
 # ------------------------------------------------------------------------------------------- mask, crop, write

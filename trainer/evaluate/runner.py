@@ -145,7 +145,9 @@ def inspect_run(run_dir: Path, steps: list[int] | None = None) -> tuple[dict, li
         raise ValueError(f"{run_dir} has no complete checkpoints ({CHECKPOINTS_DIR}/checkpoint-<step>/ with its "
                          "training state): nothing to evaluate. Let the training finish, or check the folder")
     if steps is None:
-        return training_args, available
+        # checkpoint-0 (Eden's rule saves one before training) holds the untrained tokens: a baseline, not a
+        # candidate to recommend. Asked for by number, it is evaluated like any other.
+        return training_args, [item for item in available if item[0] > 0] or available
     by_step = dict(available)
     missing = sorted({s for s in steps if s not in by_step})
     if missing:
@@ -181,18 +183,12 @@ def _dataset_paths(dataset) -> tuple[list[Path], tuple[int, int] | None]:
 
 def _default_size(training_args: dict, pipeline, train_hw: tuple[int, int] | None) -> tuple[int, int]:
     """(width, height) of the run's sample images: the same rule as ``trainer.outputs.sample_size``."""
-    from trainer.data.sizes import size_for_aspect
+    from trainer.data.sizes import sample_size
 
     configured = training_args.get("validation_img_size")
-    if isinstance(configured, list) and len(configured) == 2:
-        return int(configured[0]), int(configured[1])
-    vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    multiple = vae_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-    native = pipeline.unet.config.sample_size * vae_factor
-    resolution = int(training_args.get("resolution") or native)
-    train_h, train_w = train_hw or (resolution, resolution)
-    side = configured or max(native, int(math.sqrt(train_h * train_w)))
-    height, width = size_for_aspect(side, train_w / train_h, multiple=multiple)
+    version = training_args.get("sd_model_version") or ("sdxl" if hasattr(pipeline, "text_encoder_2") else "sd15")
+    resolution = int(training_args.get("resolution") or 512)
+    height, width = sample_size(configured, version, train_hw or (resolution, resolution))
     return width, height
 
 

@@ -17,22 +17,39 @@ UNET_PREFIX = "lora_unet"
 DORA_SCALE = "dora_scale"
 TE_PREFIXES = {"sd15": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
 
-_DOWN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
-_UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
-_MID = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
+_DOWN = re.compile(r"^down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)$")
+_UP = re.compile(r"^up_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)$")
+_MID = re.compile(r"^mid_block\.(attentions|resnets)\.(\d+)\.(.+)$")
+#: ResNet layers in the SGM/LDM layout (``in_layers``: norm, SiLU, conv; ``out_layers``: norm, SiLU, dropout, conv).
+_RESNET_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _resnet_layer(rest: str) -> str:
+    if rest not in _RESNET_LAYERS:
+        raise ValueError(f"cannot map ResNet layer {rest!r} to SGM names")
+    return _RESNET_LAYERS[rest]
 
 
 def diffusers_to_sgm(module_path: str, layers_per_block: int) -> str:
-    """Map a diffusers UNet attention module path to its SGM name (the inverse of diffusers' own mapping)."""
+    """Map a diffusers UNet module path in an attention or ResNet block to its SGM name (the inverse of the mapping
+    diffusers, ComfyUI and A1111 apply: in every block the ResNet is part 0 and the attention part 1)."""
+    stride = layers_per_block + 1
     if match := _DOWN.match(module_path):
-        block, index, rest = int(match[1]), int(match[2]), match[3]
-        return f"input_blocks.{block * (layers_per_block + 1) + index + 1}.1.{rest}"
+        block, kind, index, rest = int(match[1]), match[2], int(match[3]), match[4]
+        part = f"1.{rest}" if kind == "attentions" else f"0.{_resnet_layer(rest)}"
+        return f"input_blocks.{block * stride + index + 1}.{part}"
     if match := _UP.match(module_path):
-        block, index, rest = int(match[1]), int(match[2]), match[3]
-        return f"output_blocks.{block * (layers_per_block + 1) + index}.1.{rest}"
+        block, kind, index, rest = int(match[1]), match[2], int(match[3]), match[4]
+        part = f"1.{rest}" if kind == "attentions" else f"0.{_resnet_layer(rest)}"
+        return f"output_blocks.{block * stride + index}.{part}"
     if match := _MID.match(module_path):
-        return f"middle_block.1.{match[1]}"
-    raise ValueError(f"cannot map UNet module {module_path!r} to SGM names (only attention blocks carry LoRA)")
+        kind, index, rest = match[1], int(match[2]), match[3]
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        return f"middle_block.{2 * index}.{_resnet_layer(rest)}"
+    raise ValueError(f"cannot map UNet module {module_path!r} to SGM names (only attention and ResNet blocks carry "
+                     "LoRA)")
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:

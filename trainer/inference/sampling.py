@@ -61,7 +61,9 @@ def render(pipeline, prompts: list[tuple[str, str | None]], *, trigger: str, tok
     """Render one image per (prompt, negative) with a fixed seed per image (seed + index)."""
     images = []
     for index, (prompt, negative) in enumerate(prompts):
-        text = replace_trigger(prompt, trigger, token_string) if token_string is not None else prompt
+        # Without trained tokens (disable_ti) the captions name no trigger, so neither do the prompts.
+        text = replace_trigger(prompt, trigger, token_string if token_string is not None else "")
+        text = " ".join(text.replace(" ,", ",").split()).strip(" ,") if token_string is None else text
         generator = torch.Generator(device="cpu").manual_seed(seed + index)
         kwargs = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_active else {}
         result = pipeline(

@@ -1,4 +1,4 @@
-"""``./cog_test_train.sh``: train through the real cog server on the repo's sample images, then predict with the zip.
+"""``sh cog_test_train.sh``: train through the real cog server on the repo's sample images, then predict with the zip.
 
 Two ways to reach a server:
 
@@ -55,7 +55,8 @@ def training_inputs(args: argparse.Namespace, images_url: str) -> dict:
     }
     if args.tiny:
         inputs.update({
-            "resolution": 64, "train_batch_size": 2, "n_sample_imgs": 2, "caption_model": "no_caption",
+            "resolution": 64, "train_batch_size": 2, "n_sample_imgs": 2, "validation_img_size": 64,
+            "caption_model": "no_caption",
             "checkpointing_steps": 0,
             "training_args": json.dumps({
                 "ckpt_path": "tiny-sdxl", "device": "cpu", "weight_type": "fp32", "augment_imgs_up_to_n": 8,
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="./cog_test_train.sh", description=__doc__,
+    parser = argparse.ArgumentParser(prog="cog_test_train.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="offline: the tiny SDXL test model on the CPU (about a minute, no downloads)")

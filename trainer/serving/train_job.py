@@ -174,12 +174,9 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
 
             data["lora_training_urls"] = [*split_sources(urls), *uploaded]
 
-    if _blank(data.get("concept_mode")):
-        raise ValueError("concept_mode is required: face, style or object")
-    if _blank(data.get("name")):
-        mode = data.get("concept_mode") if isinstance(data.get("concept_mode"), str) else "lora"
-        data["name"] = f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_config(data)
+    # Eden's rule: an unnamed run is named after its training URL (its TrainingConfig.__init__).
+    config.name = config.run_name
 
     # Cheap checks of what would otherwise fail only after the data is prepared.
     select_device(config.device)

@@ -4,7 +4,7 @@ Which method runs:
 
 - ``use_face_detection_instead`` → the face detector;
 - else ``mask_target_prompts`` → CLIPSeg with those prompts (several separated by ``|`` or new lines: their union);
-- else face mode → the face detector;
+- else face mode → CLIPSeg with the prompt ``face``, as Eden's (its config sets ``mask_target_prompts = "face"``);
 - else no mask (crops follow a saliency map).
 """
 
@@ -32,13 +32,23 @@ class Masker(ABC):
         """Free the model (device memory included)."""
 
 
+#: The CLIPSeg prompt of face mode in Eden (trainer/config.py).
+FACE_PROMPT = "face"
+
+
+def mask_prompts(config: TrainingConfig) -> list[str]:
+    """The CLIPSeg prompts: the ones given, else ``face`` in face mode."""
+    prompts = split_prompts(config.mask_target_prompts or "")
+    if not prompts and config.concept_mode == "face":
+        prompts = [FACE_PROMPT]
+    return prompts
+
+
 def mask_method(config: TrainingConfig) -> str | None:
     if config.use_face_detection_instead:
         return "face"
-    if config.mask_target_prompts and split_prompts(config.mask_target_prompts):
+    if mask_prompts(config):
         return "clipseg"
-    if config.concept_mode == "face":
-        return "face"
     return None
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from trainer.config.schema import TrainingConfig
 from trainer.data.aux_models import aux_device, check_model_location, load_pretrained, release
-from trainer.data.masks import Masker, split_prompts
+from trainer.data.masks import Masker, mask_prompts
 from trainer.device import DeviceInfo
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class ClipSegMasker(Masker):
     def from_config(cls, config: TrainingConfig) -> ClipSegMasker:
         model_id = check_model_location(config.clipseg_model_path or DEFAULT_MODEL, "CLIPSeg", "clipseg_model_path")
         device = aux_device(config)
-        prompts = split_prompts(config.mask_target_prompts or "")
+        prompts = mask_prompts(config)
         logger.info("loading CLIPSeg %s on %s for %s", model_id, device.device, prompts)
         return cls(model_id, prompts, config.clipseg_temperature, device)
 
