@@ -115,7 +115,7 @@ def test_a_refiner_url_that_is_not_a_refiner_leaves_nothing_in_the_cache(base, m
 def test_a_refiner_url_at_an_internal_address_is_refused_without_the_allowance(base, tmp_path, monkeypatch):
     """The operator's URL goes through the same guarded client as a request's: no exception for internal hosts."""
     monkeypatch.delenv(ENV_ALLOW_PRIVATE_HOSTS, raising=False)
-    with pytest.raises(ValueError, match="169.254.169.254 is a link-local address"):
+    with pytest.raises(ValueError, match=r"169\.254\.169\.254 is a link-local address"):
         _load(resolve_refiner("http://169.254.169.254/refiner.safetensors"), base, tmp_path / "cache")
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
 
