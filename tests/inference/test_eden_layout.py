@@ -308,18 +308,33 @@ def test_edens_embedding_rows_are_capped_as_tokens(eden_sdxl, tmp_path):
         LoraBundle.open(folder)
 
 
+def _adapted_layers(pipeline) -> dict[str, int]:
+    """How many layers of each model carry the active LoRA."""
+    from trainer.inference.generator import ADAPTER
+
+    models = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
+    return {name: sum(ADAPTER in getattr(module, "lora_A", {}) for module in model.modules())
+            for name, model in models.items()}
+
+
 def test_edens_diffusers_lora_file_gives_the_images_of_ours_and_is_checked(generator, trained_sdxl, eden_sdxl,
                                                                            tmp_path):
-    """An older Eden checkpoint kept diffusers' own file: read as it is, after the same fit checks."""
+    """An older Eden checkpoint kept diffusers' own file: read as it is, after the same fit checks. diffusers'
+    converter names the attention matrices its old way (``lora.down``) and the ResNet ``conv2`` ones peft's way
+    (``lora_A``): every layer of both namings is loaded."""
     folder = _copy_eden(eden_sdxl, tmp_path / "eden")
     (folder / "eden_concept_sdxl.safetensors").unlink()
     lora = eden.write_diffusers_lora(trained_sdxl["session"], folder)
+    written = load_file(str(lora))
+    assert any(".conv2.lora_A." in k for k in written) and any(".to_k.lora.down." in k for k in written)
     bundle = LoraBundle.open(folder, local_paths=False)
     assert bundle.layout == "eden" and bundle.lora == lora
     ours = LoraBundle.open(trained_sdxl["result"].zip_path, tmp_path / "ours")
     generator.activate(ours)
     from_ours = _pixels(generator.generate(_request()))
+    adapted = _adapted_layers(generator.pipeline)
     generator.activate(bundle)
+    assert _adapted_layers(generator.pipeline) == adapted
     np.testing.assert_allclose(_pixels(generator.generate(_request())), from_ours, atol=1.0)
     generator.deactivate()
 

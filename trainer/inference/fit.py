@@ -90,11 +90,28 @@ _DIFFUSERS_PARTS = {"lora.down.weight": "down", "lora.up.weight": "up", "lora_li
                     "lora_linear_layer.up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
                     "alpha": "alpha"}
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: diffusers' older names of the LoRA matrices, and peft's, which its loader reads.
+_PEFT_NAMES = {"lora.down.weight": "lora_A.weight", "lora.up.weight": "lora_B.weight",
+               "lora_linear_layer.down.weight": "lora_A.weight", "lora_linear_layer.up.weight": "lora_B.weight"}
 
 
 def is_diffusers_lora(state: dict[str, torch.Tensor]) -> bool:
     """Keys in diffusers' own layout (``unet.down_blocks...``, ``text_encoder.text_model...``), not kohya's."""
     return bool(state) and all(key.split(".", 1)[0] in DIFFUSERS_COMPONENTS for key in state)
+
+
+def diffusers_lora_as_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers-layout LoRA with every matrix under peft's names (``lora_A``/``lora_B``).
+
+    diffusers' ``convert_state_dict_to_diffusers`` renames only the layers it has a mapping for (attention
+    projections) and leaves the others (ResNet ``conv2``) under peft's names, so Eden's chain writes files with both
+    namings. diffusers' loader takes such a file as peft-named and silently skips every layer under the older names.
+    """
+    renamed = {}
+    for key, tensor in state.items():
+        old = next((name for name in _PEFT_NAMES if key.endswith(f".{name}")), None)
+        renamed[key[: -len(old)] + _PEFT_NAMES[old] if old else key] = tensor
+    return renamed
 
 
 def check_diffusers_lora_state(state: dict[str, torch.Tensor], pipeline, version: str) -> None:

@@ -32,6 +32,7 @@ from trainer.inference.fit import (
     check_lora_state,
     check_token_vectors,
     check_unet_config,
+    diffusers_lora_as_peft,
     is_diffusers_lora,
 )
 from trainer.inference.inputs import composite
@@ -176,6 +177,7 @@ class Generator:
         state = _read_tensors(bundle.lora)
         if is_diffusers_lora(state):  # diffusers' own file, which older Eden checkpoints kept
             check_diffusers_lora_state(state, self.pipeline, self.version)
+            state = diffusers_lora_as_peft(state)
         else:
             check_lora_state(state, self.pipeline, self.version)
         try:
