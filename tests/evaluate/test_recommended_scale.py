@@ -76,9 +76,12 @@ def evaluated_zip(tmp_path_factory, model_cache, tiny_clip):
 
     root = tmp_path_factory.mktemp("evaluated")
     images = make_concept_images(root / "images", n=2)
+    # A constant rate: Eden's UNet warm-up (the default) would spend most of 6 steps near its cold rate, and the
+    # test needs a LoRA whose scale visibly matters.
     config = tiny_config(images, root / "runs", model="tiny-sd15", max_train_steps=6, train_batch_size=1,
-                         unet_lr=3e-2, evaluate_checkpoints=True, evaluation_clip_model=str(tiny_clip),
-                         evaluation_lora_scales=[0.5], evaluation_images_per_prompt=1, validation_guidance_scale=1.0)
+                         unet_lr=3e-2, lr_scheduler="constant", evaluate_checkpoints=True,
+                         evaluation_clip_model=str(tiny_clip), evaluation_lora_scales=[0.5],
+                         evaluation_images_per_prompt=1, validation_guidance_scale=1.0)
     session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
     result = loop.run(session)
     with zipfile.ZipFile(result.zip_path) as archive:
