@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
   echo "no .venv yet: running scripts/setup.sh first" >&2
   bash scripts/setup.sh
 fi
-exec .venv/bin/python -m trainer.serving.smoke "$@"
+exec .venv/bin/python -m trainer.tooling.smoke "$@"

@@ -65,7 +65,7 @@ def trained_sdxl(tmp_path_factory, model_cache):
         lora_alpha_multiplier=2.0, unet_lr=2e-3, ti_lr=1e-2, save_dtype="fp32", freeze_ti_after_completion_f=0.5,
         token_attention_loss_w=1e-3, tok_cov_reg_w=1e-4, cond_reg_w=1e-4, tok_cond_reg_w=1e-4,
     )
-    from trainer import loop
+    from trainer.training import loop
 
     session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
     before = frozen_snapshot(session)
@@ -93,7 +93,7 @@ def trained_sdxl(tmp_path_factory, model_cache):
 @pytest.fixture(scope="session")
 def trained_sd15(tmp_path_factory, model_cache):
     """SD1.5 with tokens and a UNet LoRA, the LoRA exported in the default fp16."""
-    from trainer import loop
+    from trainer.training import loop
 
     root = tmp_path_factory.mktemp("sd15-run")
     images = make_concept_images(root / "images", n=4)

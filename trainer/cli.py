@@ -19,7 +19,7 @@ def _setup_logging(debug: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config, parse_overrides
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     config = load_config(Path(args.config), parse_overrides(args.set or []))
     _setup_logging(config.debug)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["benchmark"]:
         # The benchmark has its own parser (its --help documents every option).
-        from trainer.benchmark import main as benchmark_main
+        from trainer.tooling.benchmark import main as benchmark_main
 
         return benchmark_main(argv[1:])
     parser = build_parser()

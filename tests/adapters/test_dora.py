@@ -168,7 +168,7 @@ def test_compiled_dora_matches_eager():
 
 def test_a_resumed_dora_run_equals_an_uninterrupted_one(tmp_path, model_cache):
     from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-    from trainer import loop
+    from trainer.training import loop
 
     images = make_concept_images(tmp_path / "images", n=2)
     dataset = prepared_dataset(images, tmp_path / "prepared")

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-from trainer.checkpoint import list_checkpoints
 from trainer.cli import main
 from trainer.evaluate.recommend import Candidate, recommend
+from trainer.training.checkpoint import list_checkpoints
 
 SCALES = (0.5, 1.0)
 # Kept small for the CPU: 2 images per checkpoint and scale (the least diversity needs), no classifier-free guidance.
@@ -121,8 +121,8 @@ def test_missing_models_fail_before_rendering(run_copy, tiny_clip, tmp_path, cap
 
 
 def test_training_hook_puts_the_evaluation_in_the_zip(tmp_path, model_cache, tiny_clip, caplog, one_thread):
-    from trainer import loop
     from trainer.evaluate import evaluate_after_training
+    from trainer.training import loop
 
     images = make_concept_images(tmp_path / "images", n=2)
     config = tiny_config(images, tmp_path / "runs", model="tiny-sd15", max_train_steps=2, train_batch_size=1,

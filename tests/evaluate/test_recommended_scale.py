@@ -72,7 +72,7 @@ def test_a_deeply_nested_report_is_ignored(tmp_path, caplog):
 @pytest.fixture(scope="module")
 def evaluated_zip(tmp_path_factory, model_cache, tiny_clip):
     """A tiny SD1.5 run trained with evaluate_checkpoints at the single scale 0.5: the zip recommends 0.5."""
-    from trainer import loop
+    from trainer.training import loop
 
     root = tmp_path_factory.mktemp("evaluated")
     images = make_concept_images(root / "images", n=2)

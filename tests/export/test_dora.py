@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from tests.clients import CLIENT_WEIGHTS, comfyui_patched_weight
 from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-from trainer import loop
 from trainer.inference.dora import _kohya_names
 from trainer.models.loading import model_cache_dir
 from trainer.models.tiny import tiny_model_dir
+from trainer.training import loop
 
 
 @pytest.fixture(scope="module", params=[("tiny-sd15", "fp32"), ("tiny-sdxl", "fp16")], ids=["sd15-fp32", "sdxl-fp16"])

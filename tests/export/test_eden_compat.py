@@ -21,7 +21,7 @@ from trainer.models.tiny import tiny_model_dir
 def trained_without_tokens(tmp_path_factory, model_cache):
     """SD1.5, ``disable_ti``: only the UNet LoRA trains and the trigger stays a plain word."""
     from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-    from trainer import loop
+    from trainer.training import loop
 
     root = tmp_path_factory.mktemp("no-ti-run")
     images = make_concept_images(root / "images", n=2)

@@ -96,7 +96,7 @@ def test_every_repo_readme_snippet_gives_the_trained_model(request, tmp_path, mo
 
 @pytest.fixture(scope="module", params=["dora", "full_unet"])
 def variant_zip(request, tmp_path_factory, model_cache):
-    from trainer import loop
+    from trainer.training import loop
 
     root = tmp_path_factory.mktemp(f"readme-{request.param}")
     images = make_concept_images(root / "images", n=2)

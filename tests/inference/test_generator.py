@@ -90,7 +90,7 @@ def test_dora_bundles_apply_exactly_and_restore_the_base(generator, tmp_path, mo
     import torch
 
     from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-    from trainer import loop
+    from trainer.training import loop
 
     images = make_concept_images(tmp_path / "images", n=2)
     config = tiny_config(images, tmp_path / "runs", model="tiny-sd15", use_dora=True, unet_lr=2e-2,

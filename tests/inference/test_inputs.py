@@ -11,7 +11,7 @@ from PIL import Image
 
 from trainer.inference import inputs
 from trainer.inference.inputs import composite, fetch_input, open_input_image, open_mask, output_size
-from trainer.serving.cog_client import FileServer
+from trainer.tooling.cog_client import FileServer
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 

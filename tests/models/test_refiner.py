@@ -22,7 +22,7 @@ from tests.models.ldm_format import (
 from trainer.models.loading import load_models, resolve_source
 from trainer.models.refiner import ENV_REFINER, RefinerSource, load_refiner, resolve_refiner
 from trainer.models.tiny import TINY_REFINER, tiny_model_dir
-from trainer.serving.cog_client import FileServer
+from trainer.tooling.cog_client import FileServer
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 REFINER_CLIP_G = "conditioner.embedders.0.model."

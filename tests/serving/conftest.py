@@ -54,7 +54,7 @@ def images_zip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def file_server(images_zip):
     """http://127.0.0.1:<port>/ serving the folder of ``images_zip`` (tests drop more files there)."""
-    from trainer.serving.cog_client import FileServer
+    from trainer.tooling.cog_client import FileServer
 
     with FileServer(images_zip.parent) as server:
         yield server
@@ -142,7 +142,7 @@ def server_env(model_cache: Path, work_dir: Path, s3_endpoint: str, allow: str =
 @pytest.fixture(scope="module")
 def train_server(tmp_path_factory, model_cache, s3_server, file_server):
     """The real cog server in train mode (``train.py:train``), started like a cog image starts it."""
-    from trainer.serving.cog_client import CogServer
+    from trainer.tooling.cog_client import CogServer
 
     root = tmp_path_factory.mktemp("train-server")
     work = root / "work"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from trainer.serving.cog_files import GENERATED, flatten, generated_text, pins
+from trainer.tooling.requirements import GENERATED, flatten, generated_text, pins
 
 #: cog's config schema (pkg/config/data/config_schema_v1.0.json): unknown keys are rejected by `cog build`.
 TOP_LEVEL_KEYS = {"build", "image", "predict", "run", "train", "concurrency", "environment", "weights"}
@@ -73,7 +73,7 @@ def test_pins_agree_with_the_requirements_files(name):
     generated, source = GENERATED[name]
     assert _load(name)["build"]["python_requirements"] == generated
     assert (REPO_ROOT / generated).read_text(encoding="utf-8") == generated_text(source), (
-        f"{generated} is stale: run python -m trainer.serving.cog_files --write"
+        f"{generated} is stale: run python -m trainer.tooling.requirements --write"
     )
     image = pins(flatten(REPO_ROOT / generated))
     assert image == pins(flatten(REPO_ROOT / source))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from tests.serving.conftest import server_env, tiny_inputs
-from trainer.serving.cog_client import CogServer, decode_data_url
+from trainer.tooling.cog_client import CogServer, decode_data_url
 
 pytestmark = pytest.mark.slow
 
@@ -329,7 +329,7 @@ def test_the_readme_curl_examples_run(model_cache, s3_server, tmp_path):
 
     if not (shutil.which("curl") and shutil.which("jq") and shutil.which("base64")):
         pytest.skip("the README's examples need curl, jq and base64")
-    from trainer.serving.cog_client import FileServer
+    from trainer.tooling.cog_client import FileServer
 
     picture = Image.open(REPO_ROOT / "assets" / "sample_images" / "astronaut.jpg").convert("RGB").resize((96, 64))
     picture.save(tmp_path / "photo.png")

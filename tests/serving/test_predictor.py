@@ -22,8 +22,8 @@ from PIL import Image
 import predict
 from trainer.inference import remote
 from trainer.inference.service import PredictionInputs
-from trainer.serving.cog_client import FileServer
 from trainer.serving.common import ENV_ALLOW_LOCAL
+from trainer.tooling.cog_client import FileServer
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 11, "output_format": "png"}

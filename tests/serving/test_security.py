@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.serving.conftest import TINY_TRAINING_ARGS, server_env, tiny_inputs
 from tests.utils.conftest import ScriptedServer
-from trainer.serving.cog_client import CogServer, decode_data_url
+from trainer.tooling.cog_client import CogServer, decode_data_url
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import pytest
 
 from trainer.inference import remote
 from trainer.inference.remote import BundleStore
-from trainer.serving.cog_client import FileServer
 from trainer.serving.train_job import TrainingJob, TrainingRequest
+from trainer.tooling.cog_client import FileServer
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 from trainer.utils.s3 import S3Uri, UploadCancelled, check_bucket, s3_client, upload_file
 
@@ -118,7 +118,7 @@ def test_a_cancel_that_lands_after_the_put_completed_still_removes_the_object(cl
                                                                              s3_server):
     """The issue's race: the upload's bytes reached S3, then the cancellation arrived. The key is recorded before the
     upload starts, so the clean-up deletes what landed."""
-    from trainer.errors import TrainingCancelled
+    from trainer.training.errors import TrainingCancelled
     from trainer.utils import s3 as s3_module
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)

@@ -211,7 +211,7 @@ def test_output_uri_keys():
 
 
 def test_progress_line_has_percent_rate_and_time_left():
-    from trainer.loop import ProgressEvent
+    from trainer.training.loop import ProgressEvent
 
     line = progress_line(ProgressEvent(step=40, total=300, loss=0.12345, elapsed=20.0, steps_per_second=2.1))
     assert line == "step 40/300 (13%), 2.10 steps/s, loss 0.1235, about 2m 04s left"

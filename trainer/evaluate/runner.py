@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from trainer.evaluate.aesthetic import AestheticPredictor, load_aesthetic_predictor
 from trainer.evaluate.chart import plot_scores
 from trainer.evaluate.clip import DEFAULT_CLIP_MODEL, ClipScorer
 from trainer.evaluate.metrics import adherence, diversity, likeness, nearest
 from trainer.evaluate.prompts import EvalPrompt, evaluation_prompts, subject_phrase
 from trainer.evaluate.recommend import RULE_TEXT, Candidate, Recommendation, RuleParams, recommend
+from trainer.training.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from trainer.utils.atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def _dataset_paths(dataset) -> tuple[list[Path], tuple[int, int] | None]:
 
 
 def _default_size(training_args: dict, pipeline, train_hw: tuple[int, int] | None) -> tuple[int, int]:
-    """(width, height) of the run's sample images: the same rule as ``trainer.outputs.sample_size``."""
+    """(width, height) of the run's sample images: the same rule as ``trainer.training.outputs.sample_size``."""
     from trainer.data.sizes import sample_size
 
     configured = training_args.get("validation_img_size")
@@ -497,7 +497,7 @@ def evaluate_after_training(session) -> dict[str, Path]:
     A failure is logged with its reason and leaves the run without an evaluation rather than without its zip: the
     trained LoRA matters more than its scores, and ``python -m trainer evaluate RUN`` can redo them.
     """
-    from trainer.outputs import sample_size
+    from trainer.training.outputs import sample_size
 
     config = session.config
     height, width = sample_size(session)

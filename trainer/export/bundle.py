@@ -254,7 +254,7 @@ def usage_readme(spec: ExportSpec, has_lora: bool, has_embeddings: bool, full_un
 
 def write_zip(zip_path: Path, checkpoint: Path, extras: dict[str, Path], readme: str) -> Path:
     """Zip the final checkpoint's files plus extras (samples, loss log, evaluation) atomically."""
-    from trainer.checkpoint import STATE_FILE
+    from trainer.training.checkpoint import STATE_FILE
 
     with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for entry in sorted(checkpoint.rglob("*")):

@@ -10,9 +10,9 @@ lets the cog thread only wait; when the cancellation arrives there, it
 1. sets the stop event: the training loop checks it before every step (``should_stop``) and the upload checks it
    between chunks, so a job in those phases stops at a clean boundary within about one step;
 2. if the worker has not finished after a short grace period (it is loading models, preparing data, rendering
-   samples or writing the zip, none of which polls the event), raises :class:`~trainer.loop.TrainingCancelled` in
-   the worker thread the same way coglet does: those phases write only through atomic renames into the job's own
-   folder, which the job removes when it ends cancelled;
+   samples or writing the zip, none of which polls the event), raises
+   :class:`~trainer.training.errors.TrainingCancelled` in the worker thread the same way coglet does: those phases
+   write only through atomic renames into the job's own folder, which the job removes when it ends cancelled;
 3. waits for the worker to finish its clean-up, then re-raises the original exception so that coglet reports the
    job as ``canceled``.
 

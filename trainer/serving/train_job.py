@@ -295,8 +295,8 @@ class TrainingJob:
 
     # ------------------------------------------------------------------------------------------- running
     def run(self) -> Path:
-        from trainer.loop import TrainingCancelled
         from trainer.serving.cancel import run_cancellable
+        from trainer.training.loop import TrainingCancelled
 
         self._prune()
         try:
@@ -311,7 +311,7 @@ class TrainingJob:
                 upload.unlink(missing_ok=True)
 
     def _work(self) -> Path:
-        from trainer.loop import TrainingCancelled, train
+        from trainer.training.loop import TrainingCancelled, train
 
         config = self.request.config
         try:
@@ -340,7 +340,7 @@ class TrainingJob:
             raise
 
     def _upload(self) -> None:
-        from trainer.loop import TrainingCancelled
+        from trainer.training.loop import TrainingCancelled
         from trainer.utils.s3 import UploadCancelled, s3_client, upload_file
 
         target = object_key(self.request.destination, self.zip_path.name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.device import DeviceInfo
-from trainer.optim import ParamGroup, build_groups, lr_lambda, state_bytes
+from trainer.training.optimizers import ParamGroup, build_groups, lr_lambda, state_bytes
 
 CPU = DeviceInfo(torch.device("cpu"), torch.float32)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import checkpoint as ckpt
 from trainer.adapters import lora as lora_adapters
 from trainer.adapters.tokens import CONCEPT_INIT_WORDS, NewTokens, TokenInit
 from trainer.config import TrainingConfig, save_config
@@ -24,14 +23,15 @@ from trainer.data.manifest import PreparedDataset
 from trainer.device import DeviceInfo, cpu_rng_state, set_cpu_rng_state, setup_device
 from trainer.distributed import Distributed, init_distributed
 from trainer.export.files import safe_name
-from trainer.loss import (
+from trainer.models.loading import SDModels, load_models, model_cache_dir, resolve_source
+from trainer.models.text import PromptEncoder
+from trainer.training import checkpoint as ckpt
+from trainer.training.losses import (
     TokenAttentionProbe,
     probe_layer_names,
 )
-from trainer.models.loading import SDModels, load_models, model_cache_dir, resolve_source
-from trainer.models.text import PromptEncoder
-from trainer.optim import ParamGroup, build_groups
-from trainer.schedule import Schedule, eden_lr_lambda, resolve_total_steps
+from trainer.training.optimizers import ParamGroup, build_groups
+from trainer.training.schedule import Schedule, eden_lr_lambda, resolve_total_steps
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The real SD1.5 and SDXL-base architectures (public configs), for speed and memory measurements offline.
 
 Random weights change nothing about speed or memory, so the benchmark builds these from config instead of
-downloading 7 GB. Never used for training a user's LoRA: they are only reachable through ``trainer.benchmark``.
+downloading 7 GB. Never used for training a user's LoRA: they are only reachable through ``trainer.tooling.benchmark``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import frozen_snapshot
 from trainer.adapters.tokens import ExtendedEmbedding
-from trainer.checkpoint import STATE_FILE, list_checkpoints
+from trainer.training.checkpoint import STATE_FILE, list_checkpoints
 
 
 def test_pretrained_weights_are_bit_identical_after_training(trained_sdxl):
@@ -121,7 +121,7 @@ def test_lora_metadata_for_a1111_and_comfyui(trained_sdxl):
 
 def test_sdxl_crop_conditioning_mirrors_with_the_flip(tmp_path):
     from trainer.data.manifest import PreparedDataset, Sample
-    from trainer.session import sdxl_time_ids
+    from trainer.training.session import sdxl_time_ids
 
     sample = Sample(image="a.png", caption="TOK", target_size=(64, 64), original_size=(300, 200),
                     crop_top_left=(4, 10), resized_size=(96, 100))

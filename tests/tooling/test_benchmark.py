@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from trainer.benchmark import main, markdown
-from trainer.models.architectures import REFERENCE_PARAMS_M, build_components
+from trainer.tooling.architectures import REFERENCE_PARAMS_M, build_components
+from trainer.tooling.benchmark import main, markdown
 
 
 @pytest.mark.parametrize("version", ["sdxl", "sd15"])

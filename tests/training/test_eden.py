@@ -18,11 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-from trainer import loop
 from trainer.config import ConfigError, TrainingConfig, load_config
 from trainer.data.captions import place_trigger
 from trainer.data.sizes import fixed_training_size, sample_lora_scale, sample_size
-from trainer.schedule import Progress, resolve_total_steps
+from trainer.training import loop
+from trainer.training.schedule import Progress, resolve_total_steps
 
 URL = "https://storage.example.com/sets/xander_5.zip"
 
@@ -222,8 +222,8 @@ def test_sample_lora_scale_defaults_per_model(images, dataset, tmp_path, model_c
     """Eden (main.py): ``if not config.sample_imgs_lora_scale``: 0.75 for SDXL, 0.85 for SD1.5."""
     assert sample_lora_scale(None, "sdxl") == 0.75 and sample_lora_scale(None, "sd15") == 0.85
     assert sample_lora_scale(0.0, "sd15") == 0.85 and sample_lora_scale(0.6, "sdxl") == 0.6
-    from trainer import outputs
     from trainer.inference import sampling
+    from trainer.training import outputs
 
     used = []
 
@@ -318,7 +318,7 @@ def test_checkpoints_also_at_step_zero(images, dataset, tmp_path, model_cache):
     assert [s for s in range(301) if loop.checkpoint_due(zero, s, 300)] == [0]
     session = _session(images, dataset, tmp_path, max_train_steps=27, checkpointing_steps=10000)
     result = loop.run(session, make_zip=False)
-    from trainer.checkpoint import list_checkpoints
+    from trainer.training.checkpoint import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(result.run_dir)] == [0, 27]
     # checkpoint-0 holds the untrained adapters: the LoRA up matrices start at zero.

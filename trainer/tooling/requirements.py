@@ -4,7 +4,7 @@ cog copies the single file named by ``build.python_requirements`` into the image
 ``-r requirements-base.txt`` line there would not resolve. ``requirements-cog-xpu.txt`` and
 ``requirements-cog-cuda.txt`` are therefore the flattened ``requirements-xpu.txt`` and ``requirements-cuda.txt``:
 same pins, same index lines, includes inlined. A test fails when they differ from what this module generates;
-``python -m trainer.serving.cog_files --write`` rewrites them.
+``python -m trainer.tooling.requirements --write`` rewrites them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def generated_text(source: str) -> str:
     options = [line for line in lines if line.startswith("-")]
     packages = [line for line in lines if not line.startswith("-")]
     header = [
-        f"# GENERATED from {source} by `python -m trainer.serving.cog_files --write`; edit {source} instead.",
+        f"# GENERATED from {source} by `python -m trainer.tooling.requirements --write`; edit {source} instead.",
         "# cog copies only this file into the image build, so the -r includes are inlined.",
     ]
     return "\n".join([*header, *dict.fromkeys(options), *packages]) + "\n"
@@ -63,7 +63,7 @@ def pins(lines: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.serving.cog_files", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m trainer.tooling.requirements", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="rewrite the generated files (default: check them)")
     args = parser.parse_args(argv)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not path.is_file() or path.read_text(encoding="utf-8") != text:
             stale.append(target)
     if stale:
-        print(f"out of date: {', '.join(stale)}; run python -m trainer.serving.cog_files --write", file=sys.stderr)
+        print(f"out of date: {', '.join(stale)}; run python -m trainer.tooling.requirements --write", file=sys.stderr)
         return 1
     return 0
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint as ckpt
 from trainer.config import TrainingConfig
 from trainer.data.dataset import Batch
 from trainer.data.manifest import PreparedDataset
-from trainer.errors import TrainingCancelled, TrainingDiverged
-from trainer.loss import (
+from trainer.training import checkpoint as ckpt
+from trainer.training.errors import TrainingCancelled, TrainingDiverged
+from trainer.training.losses import (
     add_l1_gradient,
     conditioning_loss,
     denoising_loss,
@@ -35,9 +35,9 @@ from trainer.loss import (
     target_for,
     token_covariance_loss,
 )
-from trainer.outputs import LOSS_CSV, LOSS_PNG, build_zip, save_checkpoint
-from trainer.schedule import Phase
-from trainer.session import Session, offload_idle, restore, setup
+from trainer.training.outputs import LOSS_CSV, LOSS_PNG, build_zip, save_checkpoint
+from trainer.training.schedule import Phase
+from trainer.training.session import Session, offload_idle, restore, setup
 from trainer.utils.plot import plot_losses
 
 logger = logging.getLogger(__name__)

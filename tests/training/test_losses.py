@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.loss import (
+from trainer.training.losses import (
     TokenAttentionProbe,
     conditioning_loss,
     denoising_loss,
@@ -74,7 +74,7 @@ def test_l1_is_the_mean_absolute_weight():
 
 
 def test_l1_gradient_matches_autograd():
-    from trainer.loss import add_l1_gradient
+    from trainer.training.losses import add_l1_gradient
 
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(4, 3, generator=generator, requires_grad=True) for _ in range(3)]
@@ -161,7 +161,7 @@ def test_probe_measures_attention_on_new_tokens_and_passes_gradients(unet_with_p
 
 def test_zero_weight_terms_install_nothing(tmp_path, model_cache):
     from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-    from trainer import loop
+    from trainer.training import loop
 
     images = make_concept_images(tmp_path / "images", n=2)
     config = tiny_config(images, tmp_path / "runs", token_attention_loss_w=0.0, tok_cov_reg_w=0.0)

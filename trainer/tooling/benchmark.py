@@ -73,13 +73,13 @@ def synthetic_dataset(folder: Path, n: int, size: int):
 def model_location(model: str, cache_dir: Path, device) -> str:
     if model in TINY_MODELS:
         return model
-    from trainer.models.architectures import build_random_pipeline
+    from trainer.tooling.architectures import build_random_pipeline
 
     return str(build_random_pipeline(model, cache_dir / "benchmark" / f"{model}-random-fp16", device=device))
 
 
 def _timed_steps(session, first_step: int, warmup: int, steps: int) -> tuple[float, float | None, float]:
-    from trainer import loop
+    from trainer.training import loop
 
     phase = session.schedule.at(first_step)
     loop.enter_phase(session, phase, first_step)
@@ -104,8 +104,8 @@ def _timed_steps(session, first_step: int, warmup: int, steps: int) -> tuple[flo
 def run_case(model: str, location: str, resolution: int, batch: int, optimizer: str, *, steps: int, warmup: int,
              device: str, weight_type: str, compile_: bool | None, gradient_checkpointing: bool,
              extra: dict | None = None) -> CaseResult:
-    from trainer import loop
     from trainer.config import load_config
+    from trainer.training import loop
 
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         scratch = Path(scratch)
@@ -143,7 +143,7 @@ def run_case(model: str, location: str, resolution: int, batch: int, optimizer: 
 def end_to_end(location: str, *, device: str, weight_type: str, steps: int | None, extra: dict | None = None) -> dict:
     """The default job (Eden's defaults: 300 steps, 512 px, batch 4, 8 images) from an image folder to the zip."""
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
         scratch = Path(scratch)

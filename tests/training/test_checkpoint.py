@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.checkpoint import STATE_FILE, list_checkpoints, resolve_resume, write_checkpoint
+from trainer.training.checkpoint import STATE_FILE, list_checkpoints, resolve_resume, write_checkpoint
 
 
 def _write(run_dir, step, keep=None, fail=False):

@@ -24,7 +24,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from trainer.serving.cog_client import CogServer, CogServerError, FileServer, save_output
+from trainer.tooling.cog_client import CogServer, CogServerError, FileServer, save_output
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.helpers import denoising_eval, make_concept_images, prepared_dataset, tiny_config
-from trainer import loop
 from trainer.adapters.lora import lora_state_dict
-from trainer.checkpoint import list_checkpoints
+from trainer.training import loop
+from trainer.training.checkpoint import list_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint as ckpt
 from trainer.data import sizes
 from trainer.data.captions import apply_prompt_modifier
-from trainer.errors import TrainingDiverged
 from trainer.export.bundle import ExportSpec, usage_readme, write_export, write_zip
 from trainer.export.eden import eden_training_attributes, empty_token_rows
 from trainer.export.files import SAVE_DTYPES, safe_name
 from trainer.inference import sampling
-from trainer.session import Session, offload_idle, training_state
+from trainer.training import checkpoint as ckpt
+from trainer.training.errors import TrainingDiverged
+from trainer.training.session import Session, offload_idle, training_state
 
 logger = logging.getLogger(__name__)
 
