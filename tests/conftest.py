@@ -66,24 +66,26 @@ def trained_sdxl(tmp_path_factory, model_cache):
         token_attention_loss_w=1e-3, tok_cov_reg_w=1e-4, cond_reg_w=1e-4, tok_cond_reg_w=1e-4,
     )
     from trainer.training import loop
+    from trainer.training import step as training_step
+    from trainer.training.session import setup
 
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
+    session, _ = setup(config, dataset=prepared_dataset(images, root / "prepared"))
     before = frozen_snapshot(session)
     initial_rows = session.tokens.rows()
     pivot_rows = {}
 
-    original = loop.optimizer_step
+    original = training_step.optimizer_step
 
     def spy(session_, phase):
         original(session_, phase)
         if not phase.ti and not pivot_rows:
             pivot_rows.update(session_.tokens.rows())
 
-    loop.optimizer_step = spy
+    training_step.optimizer_step = spy
     try:
         result = loop.run(session)
     finally:
-        loop.optimizer_step = original
+        training_step.optimizer_step = original
     return {"session": session, "result": result, "before": before, "initial_rows": initial_rows,
             "pivot_rows": pivot_rows}
 
@@ -94,11 +96,12 @@ def trained_sdxl(tmp_path_factory, model_cache):
 def trained_sd15(tmp_path_factory, model_cache):
     """SD1.5 with tokens and a UNet LoRA, the LoRA exported in the default fp16."""
     from trainer.training import loop
+    from trainer.training.session import setup
 
     root = tmp_path_factory.mktemp("sd15-run")
     images = make_concept_images(root / "images", n=4)
     config = tiny_config(images, root / "runs", model="tiny-sd15", max_train_steps=10, unet_lr=2e-3, ti_lr=1e-2,
                          concept_mode="style")
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
+    session, _ = setup(config, dataset=prepared_dataset(images, root / "prepared"))
     result = loop.run(session)
     return {"session": session, "result": result}

@@ -81,7 +81,7 @@ def write_eden_output(session, folder: Path, *, name: str = "eden concept", dtyp
     version = models.version
     folder.mkdir(parents=True, exist_ok=True)
     name = _eden_name(name)
-    tokens = list(config.inserting_list_tokens)
+    tokens = list(session.run.tokens or config.inserting_list_tokens)
 
     # {name}_embeddings.safetensors: the new rows of each text encoder (clip_l, clip_g), also when disable_ti.
     if session.tokens is not None:
@@ -115,9 +115,9 @@ def write_eden_output(session, folder: Path, *, name: str = "eden concept", dtyp
     training_args = {  # TrainingConfig.save_as_json: Eden's field names
         "lora_training_urls": "https://example.invalid/images.zip", "concept_mode": config.concept_mode,
         "caption_prefix": "", "caption_model": "florence", "sd_model_version": version, "ckpt_path": source,
-        "pretrained_model": {"path": source, "url": None, "version": version}, "seed": config.seed,
+        "pretrained_model": {"path": source, "url": None, "version": version}, "seed": session.seed,
         "resolution": config.resolution, "train_batch_size": config.train_batch_size,
-        "max_train_steps": config.max_train_steps, "is_lora": True, "lora_rank": config.lora_rank,
+        "max_train_steps": session.total_steps, "is_lora": True, "lora_rank": config.lora_rank,
         "lora_alpha_multiplier": config.lora_alpha_multiplier, "use_dora": False, "name": name,
         "output_dir": f"eden_lora_training_runs/{name}", "disable_ti": config.disable_ti, "weight_type": "bf16",
         "n_tokens": len(tokens), "inserting_list_tokens": tokens, "token_dict": {"TOK": "".join(tokens)},
@@ -131,7 +131,7 @@ def write_eden_output(session, folder: Path, *, name: str = "eden concept", dtyp
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=4))
     from PIL import Image
 
-    Image.new("RGB", (16, 16), "gray").save(folder / f"img_{config.max_train_steps:04d}_0.jpg")
+    Image.new("RGB", (16, 16), "gray").save(folder / f"img_{session.total_steps:04d}_0.jpg")
     Image.new("RGB", (32, 32), "gray").save(folder / "validation_grid.jpg")
     return folder
 
@@ -178,7 +178,7 @@ def eden_outputs(session, root: Path) -> dict[str, Path]:
 
     from trainer.export.files import SAVE_DTYPES
 
-    folder = write_eden_output(session, root / f"checkpoint-{session.config.max_train_steps}",
+    folder = write_eden_output(session, root / f"checkpoint-{session.total_steps}",
                                dtype=SAVE_DTYPES[session.config.save_dtype])
     zip_path = root / "eden_concept.zip"
     with zipfile.ZipFile(zip_path, "w") as archive:

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.config import TrainingConfig, load_config
+from trainer.config.load import load_config
+from trainer.config.schema import TrainingConfig
 
 
 def make_concept_images(folder: Path, n: int = 4, size: int = 96, seed: int = 0, captions: bool = True) -> Path:

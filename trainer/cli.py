@@ -4,25 +4,22 @@ the parameter table."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("trainer")
-
-
-def _setup_logging(debug: bool) -> None:
-    from trainer.utils.logs import setup_logging
-
-    setup_logging(debug)
+from trainer.config.docs import parameter_table, readme_table, with_parameter_table
+from trainer.config.load import load_config, parse_overrides
+from trainer.evaluate.runner import evaluate_run
+from trainer.evaluate.settings import EvaluationSettings
+from trainer.models.loading import model_cache_dir
+from trainer.models.tiny import tiny_model_dir
+from trainer.training.loop import train
+from trainer.utils.logs import setup_logging
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config, parse_overrides
-    from trainer.training.loop import train
-
     config = load_config(Path(args.config), parse_overrides(args.set or []))
-    _setup_logging(config.debug)
+    setup_logging(config.debug)
     result = train(config)
     print(f"run folder: {result.run_dir}")
     print(f"final checkpoint: {result.final_checkpoint}")
@@ -32,13 +29,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import EvaluationOptions, evaluate_run
-
-    _setup_logging(args.debug)
+    setup_logging(args.debug)
     if args.size and len(args.size) > 2:
         raise ValueError(f"--size takes SIDE or WIDTH HEIGHT, got {len(args.size)} numbers")
     given = {"lora_scales": args.lora_scales, "clip_model": args.clip_model}
-    options = EvaluationOptions(
+    settings = EvaluationSettings.parse(
         checkpoints=args.checkpoint, aesthetic_weights=args.aesthetic_weights, device=args.device,
         weight_type=args.weight_type, steps=args.steps, guidance=args.guidance,
         size=(args.size[0], args.size[-1]) if args.size else None, images_per_prompt=args.images_per_prompt,
@@ -46,7 +41,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         training_images=args.training_images, base_model=args.base_model,
         **{key: value for key, value in given.items() if value is not None},
     )
-    result = evaluate_run(Path(args.run_folder), options)
+    result = evaluate_run(Path(args.run_folder), settings)
     print(f"recommended: {result.recommendation.reason}")
     print(f"report: {result.report_path}")
     print(f"chart: {result.chart_path}")
@@ -54,18 +49,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from trainer.models.loading import model_cache_dir
-    from trainer.models.tiny import tiny_model_dir
-
-    _setup_logging(False)
+    setup_logging(False)
     for name in args.names:
         print(tiny_model_dir(name, model_cache_dir(args.cache_dir)))
     return 0
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    from trainer.config.docs import parameter_table, readme_table, with_parameter_table
-
     if args.write_readme is None and args.check_readme is None:
         print(parameter_table())
         return 0
@@ -155,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["benchmark"]:
-        # The benchmark has its own parser (its --help documents every option).
+        # The benchmark has its own parser (its --help documents every option). It is a tool, imported only when
+        # asked for: the runtime never imports trainer.tooling.
         from trainer.tooling.benchmark import main as benchmark_main
 
         return benchmark_main(argv[1:])

@@ -169,6 +169,8 @@ def test_compiled_dora_matches_eager():
 def test_a_resumed_dora_run_equals_an_uninterrupted_one(tmp_path, model_cache):
     from tests.helpers import make_concept_images, prepared_dataset, tiny_config
     from trainer.training import loop
+    from trainer.training.errors import TrainingCancelled
+    from trainer.training.session import setup
 
     images = make_concept_images(tmp_path / "images", n=2)
     dataset = prepared_dataset(images, tmp_path / "prepared")
@@ -177,13 +179,13 @@ def test_a_resumed_dora_run_equals_an_uninterrupted_one(tmp_path, model_cache):
                 "checkpoint_rule": "every", "unet_lr": 1e-2}
 
     def session(folder, **extra):
-        return loop.setup(tiny_config(images, tmp_path / folder, **settings, **extra), dataset=dataset)
+        return setup(tiny_config(images, tmp_path / folder, **settings, **extra), dataset=dataset)
 
     straight, _ = session("a")
     loop.run(straight, make_zip=False)
     interrupted, _ = session("b")
     calls = []
-    with pytest.raises(loop.TrainingCancelled):
+    with pytest.raises(TrainingCancelled):
         loop.run(interrupted, should_stop=lambda: calls.append(1) or len(calls) > 4, make_zip=False)
     resumed, state = session("b", resume_from=str(interrupted.run_dir))
     assert state["step"] == 3

@@ -7,8 +7,9 @@ import typing
 
 import pytest
 
-from trainer.config import ConfigError, TrainingConfig, load_config, parse_overrides
 from trainer.config.docs import parameter_table
+from trainer.config.load import ConfigError, load_config, parse_overrides
+from trainer.config.schema import TrainingConfig
 
 # The parameter table of the Eden trainer's XPU fork (name: default), as data. "required" marks fields without one.
 EDEN_DEFAULTS = {
@@ -29,10 +30,13 @@ EDEN_DEFAULTS = {
     "disable_ti": False, "skip_gpt_cleanup": False, "weight_type": "bf16", "n_tokens": 3,
     "inserting_list_tokens": ["<s0>", "<s1>", "<s2>"], "token_dict": {"TOK": "<s0><s1><s2>"},
     "sample_imgs_lora_scale": None, "dataloader_num_workers": 0, "training_attributes": {},
-    "aspect_ratio_bucketing": False, "start_time": 0.0, "job_time": 0.0, "text_encoder_lora_optimizer": None,
+    "aspect_ratio_bucketing": False, "text_encoder_lora_optimizer": None,
     "text_encoder_lora_lr": 1.0e-5, "txt_encoders_lr_warmup_steps": 200, "text_encoder_lora_weight_decay": 1.0e-5,
     "text_encoder_lora_rank": 16,
 }
+# Eden's run bookkeeping, which its TrainingConfig holds beside the settings: not user parameters here. Files that
+# carry them still load (the values are read and ignored); the exported training_args.json carries them again.
+EDEN_RUN_RECORD = {"start_time": 0.0, "job_time": 0.0}
 # The one deliberate difference: the fork defaulted to "xpu:0", which fails on every other machine.
 DEVICE_DEFAULT = "auto"
 
@@ -49,6 +53,8 @@ def test_every_eden_parameter_exists_with_its_default_and_a_docstring():
         else:
             assert TrainingConfig.model_fields[name].is_required(), name
     assert config.device == DEVICE_DEFAULT
+    for name in EDEN_RUN_RECORD:
+        assert name not in TrainingConfig.model_fields, name
 
 
 def test_every_field_has_a_docstring_and_is_in_the_generated_table():
@@ -68,7 +74,8 @@ def test_eden_types_are_kept():
 
 def test_eden_training_args_json_loads_unchanged(tmp_path):
     """A file as the Eden trainer writes it: every field, derived epochs, runtime-filled dicts."""
-    eden = {name: (value if value != "required" else None) for name, value in EDEN_DEFAULTS.items()}
+    eden = {name: (value if value != "required" else None) for name, value in {**EDEN_DEFAULTS,
+                                                                                  **EDEN_RUN_RECORD}.items()}
     eden.update({
         "lora_training_urls": "https://storage.example.com/xander.zip",
         "concept_mode": "face",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import ConfigError, load_config
+from trainer.config.load import ConfigError, load_config
 
 MINIMAL = {"lora_training_urls": "images.zip", "concept_mode": "face"}
 

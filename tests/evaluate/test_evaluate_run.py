@@ -101,7 +101,7 @@ def test_run_folder_errors(tmp_path, run_copy, tiny_clip, capsys):
     assert "checkpoint 12 is not in" in error(run_copy["run"], "--checkpoint", 12, 16)
     assert "its checkpoints are at steps 8, 16" in error(run_copy["run"], "--checkpoint", 12)
     assert "dataset does not exist: likeness compares the outputs with the training images" in error(run_copy["run"])
-    assert "LoRA scales must be finite and > 0, got 0.0" in error(run_copy["run"], "--lora-scales", 0)
+    assert "lora_scales.0 must be in (0, 2], got 0.0" in error(run_copy["run"], "--lora-scales", 0)
     assert "--size takes SIDE or WIDTH HEIGHT" in error(run_copy["run"], "--size", 64, 64, 64)
 
 
@@ -121,14 +121,15 @@ def test_missing_models_fail_before_rendering(run_copy, tiny_clip, tmp_path, cap
 
 
 def test_training_hook_puts_the_evaluation_in_the_zip(tmp_path, model_cache, tiny_clip, caplog, one_thread):
-    from trainer.evaluate import evaluate_after_training
     from trainer.training import loop
+    from trainer.training.loop import evaluate_after_training
+    from trainer.training.session import setup
 
     images = make_concept_images(tmp_path / "images", n=2)
     config = tiny_config(images, tmp_path / "runs", model="tiny-sd15", max_train_steps=2, train_batch_size=1,
                          evaluate_checkpoints=True, evaluation_clip_model=str(tiny_clip),
                          evaluation_lora_scales=[1.0], evaluation_images_per_prompt=1, validation_guidance_scale=1.0)
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, tmp_path / "prepared"))
+    session, _ = setup(config, dataset=prepared_dataset(images, tmp_path / "prepared"))
     result = loop.run(session)
     with zipfile.ZipFile(result.zip_path) as archive:
         names = set(archive.namelist())
@@ -141,7 +142,7 @@ def test_training_hook_puts_the_evaluation_in_the_zip(tmp_path, model_cache, tin
     assert "evaluation_s" in result.timings
 
     # A failing evaluation is logged and leaves the zip without it rather than failing the trained run.
-    session.config.evaluation_clip_model = str(tmp_path / "no-clip")
+    session.config = session.config.model_copy(update={"evaluation_clip_model": str(tmp_path / "no-clip")})
     with caplog.at_level("ERROR"):
         assert evaluate_after_training(session) == {}
     assert "checkpoint evaluation failed" in caplog.text and "neither an existing folder" in caplog.text

@@ -73,6 +73,7 @@ def test_a_deeply_nested_report_is_ignored(tmp_path, caplog):
 def evaluated_zip(tmp_path_factory, model_cache, tiny_clip):
     """A tiny SD1.5 run trained with evaluate_checkpoints at the single scale 0.5: the zip recommends 0.5."""
     from trainer.training import loop
+    from trainer.training.session import setup
 
     root = tmp_path_factory.mktemp("evaluated")
     images = make_concept_images(root / "images", n=2)
@@ -82,7 +83,7 @@ def evaluated_zip(tmp_path_factory, model_cache, tiny_clip):
                          unet_lr=3e-2, lr_scheduler="constant", evaluate_checkpoints=True,
                          evaluation_clip_model=str(tiny_clip), evaluation_lora_scales=[0.5],
                          evaluation_images_per_prompt=1, validation_guidance_scale=1.0)
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
+    session, _ = setup(config, dataset=prepared_dataset(images, root / "prepared"))
     result = loop.run(session)
     with zipfile.ZipFile(result.zip_path) as archive:
         report = json.loads(archive.read("evaluation/report.json"))

@@ -19,6 +19,7 @@ from trainer.inference.dora import _kohya_names
 from trainer.models.loading import model_cache_dir
 from trainer.models.tiny import tiny_model_dir
 from trainer.training import loop
+from trainer.training.session import setup
 
 
 @pytest.fixture(scope="module", params=[("tiny-sd15", "fp32"), ("tiny-sdxl", "fp16")], ids=["sd15-fp32", "sdxl-fp16"])
@@ -28,7 +29,7 @@ def dora_run(request, tmp_path_factory, model_cache):
     images = make_concept_images(root / "images", n=2)
     config = tiny_config(images, root / "runs", model=model, use_dora=True, unet_lr=2e-2, max_train_steps=4,
                          save_dtype=save_dtype, disable_ti=True, lora_alpha_multiplier=2.0)
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
+    session, _ = setup(config, dataset=prepared_dataset(images, root / "prepared"))
     result = loop.run(session, make_zip=False)
     path = next(result.final_checkpoint.glob("*_lora.safetensors"))
     return {"session": session, "lora": load_file(str(path)), "path": path, "model": model, "save_dtype": save_dtype}

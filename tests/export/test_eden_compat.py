@@ -22,12 +22,13 @@ def trained_without_tokens(tmp_path_factory, model_cache):
     """SD1.5, ``disable_ti``: only the UNet LoRA trains and the trigger stays a plain word."""
     from tests.helpers import make_concept_images, prepared_dataset, tiny_config
     from trainer.training import loop
+    from trainer.training.session import setup
 
     root = tmp_path_factory.mktemp("no-ti-run")
     images = make_concept_images(root / "images", n=2)
     config = tiny_config(images, root / "runs", model="tiny-sd15", disable_ti=True, max_train_steps=4,
                          unet_lr=2e-2, save_dtype="fp32")
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
+    session, _ = setup(config, dataset=prepared_dataset(images, root / "prepared"))
     return {"session": session, "result": loop.run(session)}
 
 
@@ -145,7 +146,7 @@ def test_our_sd15_zip_loads_through_edens_rules(trained_sd15, tmp_path):
     session = trained_sd15["session"]
     folder = _unzip(trained_sd15["result"], tmp_path / "zip")
     # The InvokeAI copy sits one folder down: Eden lists the top level only, and finds the clip_l file there.
-    name = f"{trained_sd15['result'].config.name}{EMBEDDINGS_SUFFIX}"
+    name = f"{trained_sd15['result'].run.name}{EMBEDDINGS_SUFFIX}"
     assert (folder / INVOKEAI_DIR / name).is_file()
     assert eden.embeddings_file(folder) == folder / name
     assert set(load_file(str(eden.embeddings_file(folder)))) == {"clip_l"}

@@ -124,7 +124,7 @@ def _pipeline(trained):
 
 def _embeddings_path(trained):
     result = trained["result"]
-    return result.final_checkpoint / f"{result.config.name}_embeddings.safetensors"
+    return result.final_checkpoint / f"{result.run.name}_embeddings.safetensors"
 
 
 def test_diffusers_takes_the_sd15_file_as_tensors_or_by_path(trained_sd15):
@@ -148,7 +148,7 @@ def test_diffusers_takes_the_sd15_file_as_tensors_or_by_path(trained_sd15):
 
 def test_the_sd15_run_ships_both_files_in_its_checkpoint_and_zip(trained_sd15, tmp_path):
     result, session = trained_sd15["result"], trained_sd15["session"]
-    name = f"{result.config.name}{files.EMBEDDINGS_SUFFIX}"
+    name = f"{result.run.name}{files.EMBEDDINGS_SUFFIX}"
     (trained,) = session.tokens.rows().values()
     for root in (result.final_checkpoint, _unzipped(result.zip_path, tmp_path)):
         top = load_file(str(root / name))
@@ -169,7 +169,7 @@ def test_the_sdxl_run_ships_one_file(trained_sdxl, tmp_path):
         assert len(list(root.rglob(f"*{files.EMBEDDINGS_SUFFIX}"))) == 1
     readme = (tmp_path / "zip" / "README.md").read_text(encoding="utf-8")
     invokeai = next(line for line in readme.splitlines() if line.startswith("- **InvokeAI**"))
-    assert f"`{result.config.name}{files.EMBEDDINGS_SUFFIX}`" in invokeai and files.INVOKEAI_DIR not in readme
+    assert f"`{result.run.name}{files.EMBEDDINGS_SUFFIX}`" in invokeai and files.INVOKEAI_DIR not in readme
 
 
 def _unzipped(zip_path, tmp_path):

@@ -15,7 +15,7 @@ from trainer.models.tiny import tiny_model_dir
 
 def _lora(trained):
     result = trained["result"]
-    return load_file(str(result.final_checkpoint / f"{result.config.name}_lora.safetensors"))
+    return load_file(str(result.final_checkpoint / f"{result.run.name}_lora.safetensors"))
 
 
 def _kohya_text_names(encoder, prefix):

@@ -89,7 +89,7 @@ def test_conv2_layers_carry_lora_as_eden_trains_them(trained_name, request):
     convs = {n for n, m in fresh.named_modules() if n.endswith(".conv2") and isinstance(m, torch.nn.Conv2d)}
     layers = _trained_layer_paths(session)
     assert convs and {n for n in layers if n.endswith(".conv2")} == convs
-    lora = load_file(str(result.final_checkpoint / f"{result.config.name}_lora.safetensors"))
+    lora = load_file(str(result.final_checkpoint / f"{result.run.name}_lora.safetensors"))
     conv_keys = [k for k in _unet_keys(lora) if lora[f"{k}.lora_down.weight"].dim() == 4]
     assert len(conv_keys) == len(convs)
     for key in conv_keys:
@@ -105,7 +105,7 @@ def test_conv2_layers_carry_lora_as_eden_trains_them(trained_name, request):
 def test_each_key_names_the_trained_layer_and_rebuilds_the_unet(client, trained_name, request):
     trained = request.getfixturevalue(trained_name)
     session, result = trained["session"], trained["result"]
-    lora = load_file(str(result.final_checkpoint / f"{result.config.name}_lora.safetensors"))
+    lora = load_file(str(result.final_checkpoint / f"{result.run.name}_lora.safetensors"))
     ldm_to_diffusers, fresh = _layouts(session.models.source.location)
     comfy = comfyui_key_map(ldm_to_diffusers)
     trained_layers = _trained_layer_paths(session)

@@ -22,7 +22,7 @@ def _metadata(path):
 
 def _lora_path(trained):
     result = trained["result"]
-    return result.final_checkpoint / f"{result.config.name}_lora.safetensors"
+    return result.final_checkpoint / f"{result.run.name}_lora.safetensors"
 
 
 def _state(rank=4, width=320, conv=False, dora=False, te=False, dtype=torch.float16):
@@ -104,7 +104,7 @@ def test_trained_files_name_base_model_and_implementation(trained_sdxl, trained_
         assert metadata["modelspec.implementation"] == (STABILITY_AI if version == "sdxl" else "diffusers")
         assert metadata["ss_network_module"] == "networks.lora"
         result = trained["result"]
-        embeddings, _ = _metadata(result.final_checkpoint / f"{result.config.name}_embeddings.safetensors")
+        embeddings, _ = _metadata(result.final_checkpoint / f"{result.run.name}_embeddings.safetensors")
         assert embeddings["modelspec.implementation"] == STABILITY_AI
         assert embeddings["modelspec.architecture"].endswith("/textual-inversion")
 

@@ -58,7 +58,7 @@ def _version(block: str) -> str:
 
 def _assert_trained_model(trained: dict, pipe, tolerance: float) -> None:
     session = trained["session"]
-    tokens = "".join(session.config.inserting_list_tokens)
+    tokens = "".join(session.run.tokens)
     prompt = f"a photo of {tokens} on a table"
     trained_embeds, trained_out = _trained_output(session, prompt)
     fresh_embeds, fresh_out = _fresh_output(session, pipe, prompt)
@@ -78,7 +78,7 @@ def test_the_zip_readme_snippet_gives_the_trained_model(trained, tmp_path, monke
     folder = _unpack(run["result"].zip_path, tmp_path / "zip")
     blocks = python_blocks((folder / "README.md").read_text(encoding="utf-8"))
     assert len(blocks) == 1
-    namespace = _run(blocks[0], folder, version, run["result"].config.name, monkeypatch)
+    namespace = _run(blocks[0], folder, version, run["result"].run.name, monkeypatch)
     assert (folder / "sample.png").is_file()
     _assert_trained_model(run, namespace["pipe"], tolerance)
 
@@ -90,20 +90,21 @@ def test_every_repo_readme_snippet_gives_the_trained_model(request, tmp_path, mo
         version = _version(block)
         run = request.getfixturevalue({"sdxl": "trained_sdxl", "sd15": "trained_sd15"}[version])
         folder = _unpack(run["result"].zip_path, tmp_path / f"zip-{index}")
-        namespace = _run(block, folder, version, run["result"].config.name, monkeypatch)
+        namespace = _run(block, folder, version, run["result"].run.name, monkeypatch)
         _assert_trained_model(run, namespace["pipe"], {"sdxl": 1e-4, "sd15": 5e-3}[version])
 
 
 @pytest.fixture(scope="module", params=["dora", "full_unet"])
 def variant_zip(request, tmp_path_factory, model_cache):
     from trainer.training import loop
+    from trainer.training.session import setup
 
     root = tmp_path_factory.mktemp(f"readme-{request.param}")
     images = make_concept_images(root / "images", n=2)
     overrides = {"use_dora": True, "unet_lr": 2e-2} if request.param == "dora" else {"is_lora": False}
     config = tiny_config(images, root / "runs", model="tiny-sd15", max_train_steps=3, save_dtype="fp32",
                          **overrides)
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, root / "prepared"))
+    session, _ = setup(config, dataset=prepared_dataset(images, root / "prepared"))
     return request.param, {"session": session, "result": loop.run(session)}
 
 
@@ -112,7 +113,7 @@ def test_dora_and_full_unet_zip_snippets_run(variant_zip, tmp_path, monkeypatch)
     folder = _unpack(run["result"].zip_path, tmp_path / "zip")
     readme = (folder / "README.md").read_text(encoding="utf-8")
     (block,) = python_blocks(readme)
-    namespace = _run(block, folder, "sd15", run["result"].config.name, monkeypatch)
+    namespace = _run(block, folder, "sd15", run["result"].run.name, monkeypatch)
     if kind == "dora":
         # diffusers drops the magnitudes: the README says so instead of promising the trained model.
         assert "drops its `dora_scale` tensors" in readme

@@ -19,7 +19,7 @@ def _fresh_pipeline(session):
 
 
 def _load_exported(pipe, result, tokens):
-    name = result.config.name
+    name = result.run.name
     final = result.final_checkpoint
     pipe.load_lora_weights(str(final), weight_name=f"{name}_lora.safetensors")
     embeddings = load_file(str(final / f"{name}_embeddings.safetensors"))
@@ -115,6 +115,6 @@ def test_sd15_default_fp16_export_round_trips_within_tolerance(trained_sd15):
 
 def test_sd15_lora_uses_diffusers_block_names(trained_sd15):
     result = trained_sd15["result"]
-    lora = load_file(str(result.final_checkpoint / f"{result.config.name}_lora.safetensors"))
+    lora = load_file(str(result.final_checkpoint / f"{result.run.name}_lora.safetensors"))
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k") for k in lora)
     assert all(v.dtype == torch.float16 for v in lora.values())

@@ -91,11 +91,12 @@ def test_dora_bundles_apply_exactly_and_restore_the_base(generator, tmp_path, mo
 
     from tests.helpers import make_concept_images, prepared_dataset, tiny_config
     from trainer.training import loop
+    from trainer.training.session import setup
 
     images = make_concept_images(tmp_path / "images", n=2)
     config = tiny_config(images, tmp_path / "runs", model="tiny-sd15", use_dora=True, unet_lr=2e-2,
                          max_train_steps=4, save_dtype="fp32")
-    session, _ = loop.setup(config, dataset=prepared_dataset(images, tmp_path))
+    session, _ = setup(config, dataset=prepared_dataset(images, tmp_path))
     result = loop.run(session, make_zip=False)
     bundle = LoraBundle.open(result.final_checkpoint)
 
@@ -133,7 +134,7 @@ def test_sd15_token_vectors_load_from_current_and_earlier_zips(generator, traine
     folder = tmp_path / "bundle"
     with zipfile.ZipFile(result.zip_path) as archive:
         archive.extractall(folder)
-    path = folder / f"{result.config.name}{EMBEDDINGS_SUFFIX}"
+    path = folder / f"{result.run.name}{EMBEDDINGS_SUFFIX}"
     assert (folder / INVOKEAI_DIR / path.name).is_file()
     if layout == "emb_params":
         save_file({"emb_params": load_file(str(path))["clip_l"]}, str(path))

@@ -18,11 +18,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.helpers import make_concept_images, prepared_dataset, tiny_config
-from trainer.config import ConfigError, TrainingConfig, load_config
+from trainer.config.load import ConfigError, load_config
+from trainer.config.schema import TrainingConfig
 from trainer.data.captions import place_trigger
 from trainer.data.sizes import fixed_training_size, sample_lora_scale, sample_size
 from trainer.training import loop
-from trainer.training.schedule import Progress, resolve_total_steps
+from trainer.training.checkpoint import checkpoint_due
+from trainer.training.resolved import resolve_total_steps
+from trainer.training.schedule import Progress
+from trainer.training.session import setup
 
 URL = "https://storage.example.com/sets/xander_5.zip"
 
@@ -38,7 +42,7 @@ def dataset(images, tmp_path_factory):
 
 
 def _session(images, dataset, tmp_path, **overrides):
-    session, _ = loop.setup(tiny_config(images, tmp_path / "runs", **overrides), dataset=dataset)
+    session, _ = setup(tiny_config(images, tmp_path / "runs", **overrides), dataset=dataset)
     return session
 
 
@@ -121,7 +125,7 @@ def test_text_encoder_lora_alpha_follows_the_multiplier(images, dataset, tmp_pat
         config = encoder.peft_config["default"]
         assert (config.r, config.lora_alpha) == (4, 8.0)
     result = loop.run(session, make_zip=False)
-    lora = load_file(str(result.final_checkpoint / f"{result.config.name}_lora.safetensors"))
+    lora = load_file(str(result.final_checkpoint / f"{result.run.name}_lora.safetensors"))
     te_alphas = {float(v) for k, v in lora.items() if k.startswith("lora_te") and k.endswith(".alpha")}
     assert te_alphas == {8.0}
 
@@ -281,7 +285,7 @@ def test_run_name_comes_from_the_training_url(images, dataset, tmp_path, model_c
     assert load_config({"lora_training_urls": "https://host/my set:1.zip"}).run_name == "my_set_1.zip"
     assert load_config({"lora_training_urls": "https://host/sets/", "concept_mode": "face"}).run_name == "face"
     session = _session(images, dataset, tmp_path, max_train_steps=1)
-    assert session.config.name == "set" and session.run_dir.name.startswith("set_")
+    assert session.run.name == "set" and session.run_dir.name.startswith("set_")
 
 
 @pytest.mark.parametrize("urls", [
@@ -303,7 +307,7 @@ def test_max_train_steps_wins_over_num_train_epochs(images, dataset, tmp_path, m
     config = load_config({"lora_training_urls": URL, "num_train_epochs": 3})
     assert resolve_total_steps(config, batches_per_epoch=2) == 300
     session = _session(images, dataset, tmp_path, num_train_epochs=3, max_train_steps=6)
-    assert session.total_steps == 6 and session.config.num_train_epochs == 3
+    assert session.total_steps == 6 and session.run.num_train_epochs == 3
     # An explicit max_train_steps: null trains by epochs (this project's extension).
     epochs = _session(images, dataset, tmp_path / "epochs", num_train_epochs=3, max_train_steps=None)
     assert epochs.total_steps == 6
@@ -313,9 +317,9 @@ def test_checkpoints_also_at_step_zero(images, dataset, tmp_path, model_cache):
     """Eden (main.py): a checkpoint whenever ``global_step % checkpointing_steps == 0 and global_step <
     max_train_steps - 25``, step 0 included, and ``checkpointing_steps < 1`` means ``max_train_steps`` (config.py)."""
     config = load_config({"lora_training_urls": URL, "checkpointing_steps": 100})
-    assert [s for s in range(301) if loop.checkpoint_due(config, s, 300)] == [0, 100, 200]
+    assert [s for s in range(301) if checkpoint_due(config, s, 300)] == [0, 100, 200]
     zero = load_config({"lora_training_urls": URL, "checkpointing_steps": 0})
-    assert [s for s in range(301) if loop.checkpoint_due(zero, s, 300)] == [0]
+    assert [s for s in range(301) if checkpoint_due(zero, s, 300)] == [0]
     session = _session(images, dataset, tmp_path, max_train_steps=27, checkpointing_steps=10000)
     result = loop.run(session, make_zip=False)
     from trainer.training.checkpoint import list_checkpoints
@@ -329,7 +333,7 @@ def test_checkpoints_also_at_step_zero(images, dataset, tmp_path, model_cache):
 
     assert [s for s, _ in inspect_run(result.run_dir)[1]] == [27]
     every = load_config({"lora_training_urls": URL, "checkpointing_steps": 100, "checkpoint_rule": "every"})
-    assert [s for s in range(301) if loop.checkpoint_due(every, s, 300)] == [100, 200]
+    assert [s for s in range(301) if checkpoint_due(every, s, 300)] == [100, 200]
 
 
 # ------------------------------------------------------------------------------------------------ config files

@@ -82,7 +82,7 @@ def test_run_folder_contents(trained_sdxl):
 
 def test_exported_files_and_zip(trained_sdxl):
     result = trained_sdxl["result"]
-    name = result.config.name
+    name = result.run.name
     lora = load_file(str(result.final_checkpoint / f"{name}_lora.safetensors"))
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in lora)
     assert any(k.startswith("lora_unet_middle_block_1_") for k in lora)
@@ -107,7 +107,7 @@ def test_lora_metadata_for_a1111_and_comfyui(trained_sdxl):
     from safetensors import safe_open
 
     result = trained_sdxl["result"]
-    path = result.final_checkpoint / f"{result.config.name}_lora.safetensors"
+    path = result.final_checkpoint / f"{result.run.name}_lora.safetensors"
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -9,7 +9,10 @@ import torch
 from tests.helpers import denoising_eval, make_concept_images, prepared_dataset, tiny_config
 from trainer.adapters.lora import lora_state_dict
 from trainer.training import loop
+from trainer.training import step as training_step
 from trainer.training.checkpoint import list_checkpoints
+from trainer.training.errors import TrainingCancelled, TrainingDiverged
+from trainer.training.session import setup
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def dataset(images, tmp_path_factory):
 
 def _session(images, dataset, tmp_path, **overrides):
     config = tiny_config(images, tmp_path / "runs", **overrides)
-    session, state = loop.setup(config, dataset=dataset)
+    session, state = setup(config, dataset=dataset)
     return session, state
 
 
@@ -102,7 +105,7 @@ def test_resume_equals_an_uninterrupted_run(images, dataset, tmp_path, model_cac
 
     interrupted, _ = _session(images, dataset, tmp_path / "b", **settings)
     calls = []
-    with pytest.raises(loop.TrainingCancelled):
+    with pytest.raises(TrainingCancelled):
         loop.run(interrupted, should_stop=lambda: calls.append(1) or len(calls) > 7, make_zip=False)
     run_dir = interrupted.run_dir
     assert [step for step, _ in list_checkpoints(run_dir)] == [4]
@@ -143,17 +146,17 @@ def test_token_warmup_trains_only_tokens_first(images, dataset, tmp_path, model_
     session, _ = _session(images, dataset, tmp_path, max_train_steps=6, token_warmup_steps=3)
     lora_before = lora_state_dict(session.models.unet)
     snapshots = []
-    original = loop.optimizer_step
+    original = training_step.optimizer_step
 
     def spy(session_, phase):
         original(session_, phase)
         snapshots.append((phase, lora_state_dict(session_.models.unet)))
 
-    loop.optimizer_step = spy
+    training_step.optimizer_step = spy
     try:
         loop.run(session, make_zip=False)
     finally:
-        loop.optimizer_step = original
+        training_step.optimizer_step = original
     assert [p.unet for p, _ in snapshots] == [False, False, False, True, True, True]
     _assert_close(snapshots[2][1], lora_before, rtol=0, atol=0)
     assert any(not torch.equal(snapshots[-1][1][k], lora_before[k]) for k in lora_before)
@@ -237,7 +240,7 @@ def test_masks_weight_the_loss(images, tmp_path, model_cache):
 def test_epochs_set_the_number_of_steps(images, dataset, tmp_path, model_cache):
     session, _ = _session(images, dataset, tmp_path, num_train_epochs=3, max_train_steps=None)
     # 4 images at batch 2: two steps per epoch.
-    assert session.total_steps == 6 and session.config.max_train_steps == 6
+    assert session.total_steps == 6 and session.run.training_args(session.config)["max_train_steps"] == 6
 
 
 def test_adamw8bit_is_refused_on_cpu(images, dataset, tmp_path, model_cache):
@@ -249,14 +252,14 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(imag
                                                                             model_cache, monkeypatch):
     session, _ = _session(images, dataset, tmp_path, max_train_steps=12, checkpointing_steps=4, logging_steps=2,
                           checkpoint_rule="every")
-    original = loop.compute_loss
+    original = training_step.compute_loss
 
     def poisoned(session_, batch, micro_step, phase):
         loss = original(session_, batch, micro_step, phase)
         return loss * float("nan") if micro_step >= 5 else loss
 
-    monkeypatch.setattr(loop, "compute_loss", poisoned)
-    with pytest.raises(loop.TrainingDiverged, match=r"the loss became nan at step 6; the last good checkpoint is "):
+    monkeypatch.setattr(training_step, "compute_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 6; the last good checkpoint is "):
         loop.run(session)
     assert [s for s, _ in list_checkpoints(session.run_dir)] == [4]
     assert not list(session.run_dir.glob("*.zip"))
@@ -265,7 +268,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(imag
 def test_cancellation_leaves_nothing_partial(images, dataset, tmp_path, model_cache):
     session, _ = _session(images, dataset, tmp_path, max_train_steps=20, checkpointing_steps=5, checkpoint_rule="every")
     calls = []
-    with pytest.raises(loop.TrainingCancelled, match="cancelled at step 7"):
+    with pytest.raises(TrainingCancelled, match="cancelled at step 7"):
         loop.run(session, should_stop=lambda: calls.append(1) or len(calls) > 7)
     assert [s for s, _ in list_checkpoints(session.run_dir)] == [5]
     assert not list(session.run_dir.rglob("*.zip"))
@@ -296,3 +299,26 @@ def test_optimised_path_trains_like_the_plain_path(images, dataset, tmp_path, mo
                         cache_text_encoder_outputs=False, **settings)
     loop.run(plain, make_zip=False)
     _assert_relative_error(_trained_values(fast), _trained_values(plain), 1e-3)
+
+
+def test_a_run_leaves_its_config_as_validated(images, dataset, tmp_path, model_cache):
+    """What a run derives (seed, name, tokens from a phrase, steps, epochs) goes into its resolved run; the config
+    object the caller validated is the same afterwards, and training_args.json carries the resolved values."""
+    import json
+
+    from trainer.config.load import load_config
+
+    settings = tiny_config(images, tmp_path / "runs", max_train_steps=2, seed=None).model_dump(mode="json")
+    # n_tokens left unset: the phrase's four tokens set it at run time.
+    config = load_config({**{k: v for k, v in settings.items()
+                             if k not in ("n_tokens", "inserting_list_tokens", "token_dict")},
+                          "initial_phrase": "a small red disc"})
+    before = config.model_dump()
+    session, _ = setup(config, dataset=dataset)
+    result = loop.run(session, make_zip=False)
+    assert config.model_dump() == before and session.config is config
+    assert session.run.tokens == ("<s0>", "<s1>", "<s2>", "<s3>") and session.tokens.rows()["clip_l"].shape[0] == 4
+    written = json.loads((result.run_dir / "training_args.json").read_text())
+    assert written["seed"] == session.seed and written["n_tokens"] == 4 and written["max_train_steps"] == 2
+    assert written["name"] == session.run.name and config.seed is None and config.n_tokens == 3
+

@@ -9,9 +9,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from trainer.config.schema import TrainingConfig, field_bounds
+from trainer.device import is_missing_numbered_gpu
+from trainer.utils.atomic import atomic_write_text
+from trainer.utils.download import redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ EDEN_IGNORED_KEYS = frozenset({
 })
 
 
+#: A run's bookkeeping that ``training_args.json`` files carry (Eden's and ours): when it started and how long it
+#: ran. Not settings: read and ignored.
+RUN_RECORD_KEYS = frozenset({"start_time", "job_time"})
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the fields, the rule and the values."""
 
@@ -99,7 +107,9 @@ def _shown(value: Any) -> str:
     return f"{text[:60]}... ({size or f'{len(text)} characters'})"
 
 
-def _format_validation_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, model: type[BaseModel] = TrainingConfig,
+                            title: str = "Invalid training config") -> str:
+    """One message for all of ``error``'s problems: each names the field, the rule and the value."""
     lines: list[str] = []
     union_fields: set[str] = set()
     for item in error.errors():
@@ -107,37 +117,39 @@ def _format_validation_error(error: ValidationError) -> str:
         field = str(parts[0]) if parts else ""
         # A value that fits no member of a union (a number or a list) gets one message with the whole rule, not one
         # per member named by pydantic's internal tags.
-        if len(parts) > 1 and isinstance(parts[1], str) and field in TrainingConfig.model_fields:
+        if len(parts) > 1 and isinstance(parts[1], str) and field in model.model_fields:
             if field not in union_fields:
                 union_fields.add(field)
-                lines.append(f"{field} must be {field_bounds(field).describe()}, got {_shown(item.get('input'))}")
+                lines.append(f"{field} must be {field_bounds(field, model).describe()}, got "
+                             f"{_shown(item.get('input'))}")
             continue
         loc = ".".join(str(part) for part in parts)
         message = item["msg"].removeprefix("Value error, ")
-        if field in TrainingConfig.model_fields and item["type"] in _BOUND_ERRORS:
-            allowed = field_bounds(field).at(tuple(parts[1:])).describe()
+        if field in model.model_fields and item["type"] in _BOUND_ERRORS:
+            allowed = field_bounds(field, model).at(tuple(parts[1:])).describe()
             lines.append(f"{loc} must be {allowed}, got {_shown(item.get('input'))}")
         elif item["type"] == "finite_number":
             lines.append(f"{loc} must be a finite number, got {item.get('input')!r}")
+        elif loc and message.startswith(("must ", "is ")):
+            # A rule of a shared type, which does not know the field's name: the sentence starts with it.
+            lines.append(f"{loc} {message}")
         elif loc and not message.startswith(loc):
             lines.append(f"{loc}: {message} (got {_shown(item.get('input'))})")
         else:
             lines.append(message)
-    from trainer.utils.download import redact_text
-
-    return redact_text("Invalid training config: " + "; ".join(lines))
+    return redact_text(f"{title}: " + "; ".join(lines))
 
 
 def _drop_eden_ignored(data: dict[str, Any]) -> None:
     """Remove the keys Eden tolerates that mean nothing here, and Eden's saved device when this machine lacks it;
     one warning names them all."""
+    for key in RUN_RECORD_KEYS & data.keys():
+        del data[key]
     ignored = sorted(key for key in data if key in EDEN_IGNORED_KEYS)
     for key in ignored:
         del data[key]
     notes = [", ".join(ignored)] if ignored else []
     # Eden's saved configs name the GPU it picked (the XPU fork its default); Eden ignores that value on loading.
-    from trainer.device import is_missing_numbered_gpu
-
     device = data.get("device")
     if is_missing_numbered_gpu(device):
         data["device"] = "auto"
@@ -156,7 +168,7 @@ def load_config(source: Mapping[str, Any] | str | Path, overrides: Mapping[str, 
     try:
         return TrainingConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error)) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -191,7 +203,6 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     return result
 
 
-def save_config(config: TrainingConfig, path: Path) -> None:
-    from trainer.utils.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(config.to_json_dict(), indent=2, sort_keys=False) + "\n")
+def save_training_args(args: Mapping[str, Any], path: Path) -> None:
+    """Write a run's ``training_args.json`` (see :meth:`~trainer.training.resolved.ResolvedRun.training_args`)."""
+    atomic_write_text(path, json.dumps(dict(args), indent=2, sort_keys=False) + "\n")

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainer.device import parse_device
+from trainer.utils.download import redact_values
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ MAX_LEARNING_RATE = 1.0
 MAX_LOSS_WEIGHT = 10.0
 MAX_SEED = 2**32 - 1
 MAX_SOURCES = 1000
-MAX_SECONDS = 1e11
 #: Free-form objects (``training_attributes``, ``pretrained_model``): nesting depth and size as JSON.
 MAX_OBJECT_DEPTH = 8
 MAX_OBJECT_CHARS = 64 * 1024
@@ -76,6 +78,28 @@ TokenText = Annotated[str, Field(max_length=MAX_TOKEN_CHARS)]
 TokenString = Annotated[str, Field(max_length=MAX_TOKENS * MAX_TOKEN_CHARS)]
 Sources = Union[Annotated[str, Field(max_length=MAX_SOURCES_CHARS)],
                 Annotated[list[Location], Field(max_length=MAX_SOURCES)]]
+
+#: The CLIP model that scores checkpoints unless another is named.
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+
+def _distinct_scales(value: list[float]) -> list[float]:
+    if len(set(value)) != len(value):
+        raise ValueError("must be distinct LoRA scales > 0, for example [0.8, 1.0]")
+    return value
+
+
+def _named_model(value: str) -> str:
+    if not value.strip():
+        raise ValueError(f"is empty: give a hub id ({DEFAULT_CLIP_MODEL}) or a local folder")
+    return value.strip()
+
+
+# The checkpoint evaluation's settings, shared by the config's ``evaluation_*`` fields and
+# :class:`~trainer.evaluate.settings.EvaluationSettings` (``python -m trainer evaluate``): one rule each.
+EvaluationScales = Annotated[list[PositiveScale], Field(min_length=1, max_length=8), AfterValidator(_distinct_scales)]
+ImagesPerPrompt = Annotated[int, Field(ge=1, le=8)]
+ClipModel = Annotated[Location, AfterValidator(_named_model)]
 
 
 def _round_side(value: float) -> int:
@@ -482,7 +506,7 @@ class TrainingConfig(BaseModel):
     """At the end, score every checkpoint (CLIP adherence, likeness, diversity, aesthetics) and put the report in
     the output zip."""
 
-    evaluation_clip_model: Location = "openai/clip-vit-large-patch14"
+    evaluation_clip_model: ClipModel = DEFAULT_CLIP_MODEL
     """The CLIP model that scores the checkpoints (`evaluate_checkpoints`, `python -m trainer evaluate`): a hub id
     or a local folder with the model, tokenizer and image processor."""
 
@@ -490,11 +514,10 @@ class TrainingConfig(BaseModel):
     """LAION improved-aesthetic-predictor weights (`sac+logos+ava1-l14-linearMSE.pth`, made for CLIP ViT-L/14): a
     local file or an http(s) URL. `None` leaves the aesthetic score out."""
 
-    evaluation_lora_scales: Annotated[list[PositiveScale], Field(min_length=1, max_length=8)] = Field(
-        default_factory=lambda: [0.8, 1.0])
+    evaluation_lora_scales: EvaluationScales = Field(default_factory=lambda: [0.8, 1.0])
     """LoRA scales every checkpoint is evaluated at; the recommendation names a checkpoint and a scale."""
 
-    evaluation_images_per_prompt: Annotated[int, Field(ge=1, le=8)] = 2
+    evaluation_images_per_prompt: ImagesPerPrompt = 2
     """Images rendered per evaluation prompt (6 prompts, fixed seeds) for each checkpoint and scale."""
 
     # ------------------------------------------------------------------------------------------------ caches
@@ -546,12 +569,6 @@ class TrainingConfig(BaseModel):
     training_attributes: dict = Field(default_factory=dict)
     """Free-form metadata kept with the run (written to `training_args.json`)."""
 
-    start_time: Annotated[float, Field(ge=0.0, le=MAX_SECONDS)] = 0.0
-    """Internal: when the run started (epoch seconds)."""
-
-    job_time: Annotated[float, Field(ge=0.0, le=MAX_SECONDS)] = 0.0
-    """Internal: run time so far in seconds."""
-
     # ============================================================================================ validation
     # Ranges are part of the field types above; these validators hold the rules a range cannot say.
     @field_validator("lora_training_urls")
@@ -587,25 +604,8 @@ class TrainingConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device_syntax(cls, value: str) -> str:
-        from trainer.device import parse_device
-
         parse_device(value)
         return value.strip().lower()
-
-    @field_validator("evaluation_clip_model")
-    @classmethod
-    def _clip_model_named(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("evaluation_clip_model is empty: give a hub id (openai/clip-vit-large-patch14) or a "
-                             "local folder")
-        return value.strip()
-
-    @field_validator("evaluation_lora_scales")
-    @classmethod
-    def _evaluation_scales(cls, value: list[float]) -> list[float]:
-        if len(set(value)) != len(value):
-            raise ValueError("evaluation_lora_scales must be distinct LoRA scales > 0, for example [0.8, 1.0]")
-        return value
 
     @field_validator("train_img_size")
     @classmethod
@@ -679,8 +679,10 @@ class TrainingConfig(BaseModel):
             "set max_train_steps or num_train_epochs: both are null",
         )
 
-        # Tokens.
+        # Tokens. What is derived here stays "not set": an initial phrase may still set their number at run time.
+        given = set(self.model_fields_set)
         self._derive_tokens(errors)
+        self.model_fields_set.difference_update({"n_tokens", "inserting_list_tokens", "token_dict"} - given)
         initialisers = [
             name for name in ("initializer_token", "initial_phrase", "initial_embedding_file") if getattr(self, name)
         ]
@@ -772,8 +774,6 @@ class TrainingConfig(BaseModel):
     def to_json_dict(self) -> dict[str, Any]:
         """The settings as JSON, for ``training_args.json``: URLs lose their credentials and signatures, since the
         file travels in the zip that Replicate serves as the model's public weights."""
-        from trainer.utils.download import redact_values
-
         return redact_values(self.model_dump(mode="json"))
 
     def explicitly_set(self, field: str) -> bool:
@@ -901,7 +901,7 @@ def _bare(annotation: Any) -> Any:
     return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
 
 
-def field_bounds(name: str) -> Bounds:
-    """What ``TrainingConfig``'s field ``name`` admits: the one place the bounds are decided."""
-    field = TrainingConfig.model_fields[name]
+def field_bounds(name: str, model: type[BaseModel] = TrainingConfig) -> Bounds:
+    """What the field ``name`` of ``model`` (the config, unless given) admits, read off its type."""
+    field = model.model_fields[name]
     return _collect(field.annotation, list(field.metadata))

@@ -43,10 +43,11 @@ from trainer.data.augment import (
 from trainer.data.buckets import training_sizes
 from trainer.data.caption_files import CaptionIndex
 from trainer.data.captioners import create_captioner
+from trainer.data.captioners.gpt4v import GPT4VCaptioner, inject_trigger
 from trainer.data.captions import clean_generated_caption, place_trigger, swap_left_right
 from trainer.data.crops import CropPlan, cover_size, plan_crop, render_image, render_mask
 from trainer.data.errors import DataError
-from trainer.data.images import ImageReadError, LoadedImage, open_image
+from trainer.data.images import ImageReadError, LoadedImage, open_image, oriented_size
 from trainer.data.ingest.collect import Candidate, CaptionTable, ingest_sources
 from trainer.data.ingest.sources import split_sources
 from trainer.data.limits import DataLimits
@@ -115,24 +116,27 @@ class SourceImage:
         return loaded
 
 
-def data_fingerprint(config: TrainingConfig) -> str:
+def data_fingerprint(config: TrainingConfig, seed: int | None = None) -> str:
     settings = {name: getattr(config, name) for name in DATA_FIELDS}
+    settings["seed"] = config.seed if seed is None else seed
     settings["version"] = PREPARE_VERSION
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_dataset(config: TrainingConfig, work_dir: Path, *, allow_local: bool = True,
+def prepare_dataset(config: TrainingConfig, work_dir: Path, *, seed: int | None = None, allow_local: bool = True,
                     limits: DataLimits | None = None, reuse: bool = True) -> PreparedDataset:
     """Prepare the training set in ``work_dir/dataset`` and return it.
 
     ``allow_local`` admits local files and folders (the command line; the cog API passes False unless enabled).
     ``limits`` overrides the documented limits (default: :class:`DataLimits` with ``max_train_images``). With
     ``reuse``, a dataset already prepared in ``work_dir`` from the same settings is returned as it is (resume).
+    ``seed``: the run's seed (drawn when the config has none); it picks the augmented views.
     """
     work_dir = Path(work_dir)
     limits = limits or DataLimits.from_config(config)
     root = work_dir / DATASET_DIR
-    fingerprint = data_fingerprint(config)
+    seed = config.seed if seed is None else seed
+    fingerprint = data_fingerprint(config, seed)
     if reuse:
         existing = _reusable(root, fingerprint)
         if existing is not None:
@@ -148,7 +152,7 @@ def prepare_dataset(config: TrainingConfig, work_dir: Path, *, allow_local: bool
         images = _decode_all(ingested.candidates, limits, report)
         captions, caption_sources = _caption_all(config, images, ingested.tables, limits, report)
         sizes = training_sizes(config, [image.original_hw for image in images], report)
-        seed = config.seed if config.seed is not None else 0
+        seed = seed if seed is not None else 0
         views = plan_augmentation(len(images), config.augment_imgs_up_to_n, seed=seed,
                                   allow_flip=flips_allowed(config.concept_mode, config.left_right_flip_augmentation))
         with atomic_dir(root) as building:
@@ -231,8 +235,6 @@ def _oriented_full_size(candidate: Candidate, loaded: LoadedImage, limits: DataL
     """Full-resolution (width, height) after orientation (a draft decode may be smaller)."""
     if loaded.format not in ("JPEG", "MPO"):
         return loaded.full_size
-    from trainer.data.images import oriented_size
-
     try:
         return oriented_size(candidate.path)
     except Exception as error:  # it decoded a moment ago; a header re-read failing means corrupt
@@ -290,8 +292,6 @@ def _generate_captions(config: TrainingConfig, images: list[SourceImage], limits
     wants_rewrite = (config.caption_model == "gpt4-v" and not config.skip_gpt_cleanup
                      and not config.caption_prefix.strip() and config.concept_mode != "style" and not config.disable_ti)
     if wants_rewrite:
-        from trainer.data.captioners.gpt4v import GPT4VCaptioner, inject_trigger
-
         assert isinstance(captioner, GPT4VCaptioner)
         results = inject_trigger(captioner.client, results, config.trigger, config.concept_mode)
     for image, text in zip(images, results, strict=True):

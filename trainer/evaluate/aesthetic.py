@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from trainer.utils.download import download, redact_url
+
 logger = logging.getLogger(__name__)
 
 LAION_WEIGHTS = "sac+logos+ava1-l14-linearMSE.pth"
@@ -104,8 +106,6 @@ def load_aesthetic_predictor(location: str, cache_dir: Path) -> AestheticPredict
 def _local_weights(location: str, cache_dir: Path) -> Path:
     location = (location or "").strip()
     if location.startswith(("http://", "https://")):
-        from trainer.utils.download import download, redact_url
-
         name = Path(urlsplit(location).path).name or LAION_WEIGHTS
         digest = hashlib.sha256(location.split("?")[0].encode()).hexdigest()[:16]
         target = Path(cache_dir) / "downloads" / digest / name

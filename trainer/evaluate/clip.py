@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from trainer.config.schema import DEFAULT_CLIP_MODEL
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: Images per CLIP forward pass: bounded memory for 1024 px renders on any device.
 BATCH = 16

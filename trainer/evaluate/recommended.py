@@ -17,14 +17,15 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+#: Where an evaluation's report lies in a run folder and in the zip (the runner writes it there).
+EVALUATION_DIR = "evaluation"
+REPORT_NAME = "report.json"
 #: A report lists a few rows per checkpoint and scale: far below this.
 MAX_REPORT_BYTES = 16 << 20
 SCALE_BOUNDS = (0.0, 2.0)
 
 
 def recommended_scale(folder: Path, delivered_step: int | None) -> float | None:
-    from trainer.evaluate.runner import EVALUATION_DIR, REPORT_NAME
-
     path = Path(folder) / EVALUATION_DIR / REPORT_NAME
     if not path.is_file():
         return None

@@ -17,25 +17,34 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from trainer.config.schema import DEFAULT_CLIP_MODEL
+from trainer.data.images import IMAGE_SUFFIXES
+from trainer.data.manifest import MANIFEST_NAME, PreparedDataset
+from trainer.data.sizes import sample_size
 from trainer.evaluate.aesthetic import AestheticPredictor, load_aesthetic_predictor
 from trainer.evaluate.chart import plot_scores
-from trainer.evaluate.clip import DEFAULT_CLIP_MODEL, ClipScorer
+from trainer.evaluate.clip import BATCH, ClipScorer
 from trainer.evaluate.metrics import adherence, diversity, likeness, nearest
 from trainer.evaluate.prompts import EvalPrompt, evaluation_prompts, subject_phrase
 from trainer.evaluate.recommend import RULE_TEXT, Candidate, Recommendation, RuleParams, recommend
+from trainer.evaluate.recommended import EVALUATION_DIR, REPORT_NAME
+from trainer.evaluate.settings import EvaluationSettings
+from trainer.inference.bundle import LoraBundle
+from trainer.inference.generator import GenerationRequest, Generator
+from trainer.inference.sampling import image_grid
+from trainer.models.loading import model_cache_dir
 from trainer.training.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from trainer.utils.atomic import atomic_dir
+from trainer.utils.download import redact_url
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_DIR = "evaluation"
-REPORT_NAME = "report.json"
 CHART_NAME = "scores.png"
 SUMMARY_NAME = "summary.md"
 GRIDS_DIR = "grids"
@@ -44,61 +53,6 @@ REPORT_VERSION = 1
 GRID_TILE = 256
 DATASET_DIR = "dataset"
 TRAINING_ARGS = "training_args.json"
-
-
-@dataclass
-class EvaluationOptions:
-    checkpoints: list[int] | None = None
-    """Steps to evaluate; None: every checkpoint of the run."""
-    lora_scales: list[float] = field(default_factory=lambda: [0.8, 1.0])
-    clip_model: str = DEFAULT_CLIP_MODEL
-    aesthetic_weights: str | None = None
-    device: str = "auto"
-    weight_type: str | None = None
-    """None: the run's own weight_type."""
-    steps: int | None = None
-    """Denoising steps; None: the run's validation_num_inference_steps."""
-    guidance: float | None = None
-    """None: the run's validation_guidance_scale."""
-    size: tuple[int, int] | None = None
-    """(width, height); None: the run's sample-image size."""
-    images_per_prompt: int = 2
-    n_prompts: int | None = None
-    """Use only the first N prompts of the set; None: all."""
-    seed: int = 0
-    """Prompt i renders with seed + i, for every checkpoint and scale."""
-    baseline: bool = True
-    training_images: str | None = None
-    """A prepared dataset folder or a folder of images; None: the run's dataset/."""
-    base_model: str | None = None
-    """Replaces the base model named in the run (for example a local copy of it)."""
-    scheduler: str = "K_EULER"
-
-    def validate(self) -> None:
-        from trainer.inference.generator import SCHEDULERS
-
-        errors = []
-        if not self.lora_scales:
-            errors.append("give at least one LoRA scale")
-        for scale in self.lora_scales:
-            if not (math.isfinite(scale) and scale > 0):
-                errors.append(f"LoRA scales must be finite and > 0, got {scale}")
-        if len(set(self.lora_scales)) != len(self.lora_scales):
-            errors.append(f"LoRA scales are listed twice: {self.lora_scales}")
-        if self.checkpoints is not None and (not self.checkpoints or any(s < 0 for s in self.checkpoints)):
-            errors.append(f"checkpoints must be training steps (>= 0), got {self.checkpoints}")
-        if self.images_per_prompt < 1:
-            errors.append(f"images per prompt must be >= 1, got {self.images_per_prompt}")
-        if self.steps is not None and self.steps < 1:
-            errors.append(f"inference steps must be >= 1, got {self.steps}")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            errors.append(f"guidance must be >= 0, got {self.guidance}")
-        if self.size is not None and (len(self.size) != 2 or any(s < 8 or s % 8 for s in self.size)):
-            errors.append(f"size must be WIDTH HEIGHT, multiples of 8, got {self.size}")
-        if self.scheduler not in SCHEDULERS:
-            errors.append(f"scheduler must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
-        if errors:
-            raise ValueError("; ".join(errors))
 
 
 @dataclass
@@ -159,9 +113,6 @@ def inspect_run(run_dir: Path, steps: list[int] | None = None) -> tuple[dict, li
 
 def training_image_paths(location: Path) -> tuple[list[Path], tuple[int, int] | None]:
     """The training images (prepared dataset, augmented copies left out) and the training size (h, w) if known."""
-    from trainer.data.images import IMAGE_SUFFIXES
-    from trainer.data.manifest import MANIFEST_NAME, PreparedDataset
-
     location = Path(location)
     if (location / MANIFEST_NAME).is_file():
         return _dataset_paths(PreparedDataset.load(location))
@@ -182,9 +133,7 @@ def _dataset_paths(dataset) -> tuple[list[Path], tuple[int, int] | None]:
 
 
 def _default_size(training_args: dict, pipeline, train_hw: tuple[int, int] | None) -> tuple[int, int]:
-    """(width, height) of the run's sample images: the same rule as ``trainer.training.outputs.sample_size``."""
-    from trainer.data.sizes import sample_size
-
+    """(width, height) of the run's sample images: the same rule as the training's (``ResolvedRun.sample_size``)."""
     configured = training_args.get("validation_img_size")
     version = training_args.get("sd_model_version") or ("sdxl" if hasattr(pipeline, "text_encoder_2") else "sd15")
     resolution = int(training_args.get("resolution") or 512)
@@ -220,8 +169,6 @@ class _Scorers:
 
 def _render(generator, prompts: list[EvalPrompt], *, baseline: bool, lora_scale: float, width: int, height: int,
             steps: int, guidance: float, scheduler: str, per_prompt: int) -> list[tuple[EvalPrompt, int, Image.Image]]:
-    from trainer.inference.generator import GenerationRequest
-
     rendered = []
     for prompt in prompts:
         request = GenerationRequest(
@@ -234,8 +181,6 @@ def _render(generator, prompts: list[EvalPrompt], *, baseline: bool, lora_scale:
 
 
 def _save_grid(rows: list[list[Image.Image]], path: Path) -> None:
-    from trainer.inference.sampling import image_grid
-
     tiles = []
     for row in rows:
         for image in row:
@@ -259,16 +204,14 @@ class _Inputs:
     train_hw: tuple[int, int] | None
 
 
-def _gather_inputs(run_dir: Path, options: EvaluationOptions, dataset) -> _Inputs:
+def _gather_inputs(run_dir: Path, settings: EvaluationSettings, dataset) -> _Inputs:
     """Everything that can be checked without loading a model, so that mistakes fail in seconds."""
-    from trainer.inference.bundle import LoraBundle
-
-    training_args, checkpoints = inspect_run(run_dir, options.checkpoints)
-    if dataset is not None and options.training_images is None:
+    training_args, checkpoints = inspect_run(run_dir, settings.checkpoints)
+    if dataset is not None and settings.training_images is None:
         image_paths, train_hw = _dataset_paths(dataset)
         images_source = str(dataset.root)
     else:
-        location = Path(options.training_images).expanduser() if options.training_images else run_dir / DATASET_DIR
+        location = Path(settings.training_images).expanduser() if settings.training_images else run_dir / DATASET_DIR
         if not location.exists():
             raise ValueError(f"{location} does not exist: likeness compares the outputs with the training images. "
                              "Pass --training-images with the prepared dataset folder or a folder of the images")
@@ -276,12 +219,12 @@ def _gather_inputs(run_dir: Path, options: EvaluationOptions, dataset) -> _Input
         images_source = str(location)
     bundles = [LoraBundle.open(folder) for _, folder in checkpoints]
     prompts = evaluation_prompts(training_args.get("concept_mode", "object"), trigger=bundles[0].trigger,
-                                 subject=subject_phrase(training_args), n_prompts=options.n_prompts,
-                                 seed=options.seed)
-    if len(prompts) * options.images_per_prompt < 2:
+                                 subject=subject_phrase(training_args), n_prompts=settings.n_prompts,
+                                 seed=settings.seed)
+    if len(prompts) * settings.images_per_prompt < 2:
         raise ValueError("diversity needs at least 2 images per checkpoint and scale: raise the images per prompt "
                          "or the number of prompts")
-    scales = list(options.lora_scales)
+    scales = list(settings.lora_scales)
     if all(bundle.lora is None for bundle in bundles) and len(scales) > 1:
         # Embeddings-only and full fine-tunes have no LoRA to scale: every scale would render the same images.
         logger.warning("the checkpoints hold no LoRA; evaluating at one scale instead of %s", scales)
@@ -289,60 +232,56 @@ def _gather_inputs(run_dir: Path, options: EvaluationOptions, dataset) -> _Input
     return _Inputs(training_args, checkpoints, bundles, prompts, scales, image_paths, images_source, train_hw)
 
 
-def _load_scorers(options: EvaluationOptions, device: torch.device, cache_dir: Path,
+def _load_scorers(settings: EvaluationSettings, device: torch.device, cache_dir: Path,
                   image_paths: list[Path]) -> _Scorers:
     # A few small matrices: the aesthetic head runs on the CPU, where the embeddings already are. Loaded first
     # because a missing file is the likelier mistake and the cheaper one to report.
-    aesthetic = load_aesthetic_predictor(options.aesthetic_weights, cache_dir) if options.aesthetic_weights else None
-    clip = ClipScorer.load(options.clip_model, device)
+    aesthetic = load_aesthetic_predictor(settings.aesthetic_weights, cache_dir) if settings.aesthetic_weights else None
+    clip = ClipScorer.load(settings.clip_model, device)
     if aesthetic is not None and aesthetic.input_dim != clip.embed_dim:
         raise ValueError(
-            f"the aesthetic weights expect {aesthetic.input_dim}-d CLIP image embeddings but {options.clip_model} "
+            f"the aesthetic weights expect {aesthetic.input_dim}-d CLIP image embeddings but {settings.clip_model} "
             f"gives {clip.embed_dim}-d: use the CLIP model the predictor was trained on (LAION's "
             f"sac+logos+ava1-l14-linearMSE.pth pairs with {DEFAULT_CLIP_MODEL})"
         )
     return _Scorers(clip, aesthetic, _embed_paths(clip, image_paths))
 
 
-def evaluate_run(run_dir: Path, options: EvaluationOptions | None = None, *, dataset=None,
+def evaluate_run(run_dir: Path, settings: EvaluationSettings | None = None, *, dataset=None,
                  rule: RuleParams | None = None) -> EvaluationResult:
     """Evaluate the checkpoints of ``run_dir`` and write ``run_dir/evaluation/``.
 
     ``dataset``: the run's :class:`~trainer.data.manifest.PreparedDataset` when the caller holds it (the training
-    loop); otherwise the training images come from ``options.training_images`` or ``run_dir/dataset``.
+    loop); otherwise the training images come from ``settings.training_images`` or ``run_dir/dataset``.
     """
-    from trainer.inference.generator import Generator
-    from trainer.models.loading import model_cache_dir
-
     started = time.perf_counter()
-    options = options or EvaluationOptions()
-    options.validate()
+    settings = settings or EvaluationSettings()
     rule = rule or RuleParams()
     run_dir = Path(run_dir)
-    inputs = _gather_inputs(run_dir, options, dataset)
+    inputs = _gather_inputs(run_dir, settings, dataset)
     args, prompts = inputs.training_args, inputs.prompts
 
     configured_cache = args.get("model_cache_dir")
     cache_dir = model_cache_dir(configured_cache if configured_cache and Path(configured_cache).is_dir() else None)
-    generator = Generator(options.device, options.weight_type or args.get("weight_type") or "bf16",
+    generator = Generator(settings.device, settings.weight_type or args.get("weight_type") or "bf16",
                           cache_dir=cache_dir)
-    scorers = _load_scorers(options, generator.device.device, cache_dir, inputs.image_paths)
+    scorers = _load_scorers(settings, generator.device.device, cache_dir, inputs.image_paths)
     text_embeds = scorers.clip.embed_texts([p.adherence_text for p in prompts])
 
-    generator.load_base(inputs.bundles[0].base_source(cache_dir, options.base_model))
-    width, height = options.size or _default_size(args, generator.pipeline, inputs.train_hw)
-    guidance = options.guidance if options.guidance is not None else args.get("validation_guidance_scale") or 7.0
-    render = {"width": width, "height": height, "guidance": float(guidance), "scheduler": options.scheduler,
-              "steps": options.steps or int(args.get("validation_num_inference_steps") or 25),
-              "per_prompt": options.images_per_prompt}
+    generator.load_base(inputs.bundles[0].base_source(cache_dir, settings.base_model))
+    width, height = settings.size or _default_size(args, generator.pipeline, inputs.train_hw)
+    guidance = settings.guidance if settings.guidance is not None else args.get("validation_guidance_scale") or 7.0
+    render = {"width": width, "height": height, "guidance": float(guidance), "scheduler": settings.scheduler,
+              "steps": settings.steps or int(args.get("validation_num_inference_steps") or 25),
+              "per_prompt": settings.images_per_prompt}
     logger.info("evaluating %d checkpoint(s) x %d scale(s), %d images each at %dx%d, %d steps",
-                len(inputs.checkpoints), len(inputs.scales), len(prompts) * options.images_per_prompt, width,
+                len(inputs.checkpoints), len(inputs.scales), len(prompts) * settings.images_per_prompt, width,
                 height, render["steps"])
 
     folder = run_dir / EVALUATION_DIR
     with atomic_dir(folder) as tmp:
         baseline = None
-        if options.baseline:
+        if settings.baseline:
             generator.deactivate()
             rendered = _render(generator, prompts, baseline=True, lora_scale=1.0, **render)
             baseline = scorers.score(rendered, text_embeds)
@@ -350,7 +289,7 @@ def evaluate_run(run_dir: Path, options: EvaluationOptions | None = None, *, dat
         results: list[dict] = []
         for (step, checkpoint), bundle in zip(inputs.checkpoints, inputs.bundles, strict=True):
             logger.info("evaluating %s", checkpoint.name)
-            generator.activate(bundle, options.base_model)
+            generator.activate(bundle, settings.base_model)
             rows = []
             for scale in inputs.scales:
                 rendered = _render(generator, prompts, baseline=False, lora_scale=scale, **render)
@@ -368,7 +307,7 @@ def evaluate_run(run_dir: Path, options: EvaluationOptions | None = None, *, dat
             row.update(normalised=ranked.normalised, combined=ranked.combined,
                        diversity_ratio=ranked.diversity_ratio, collapsed=ranked.collapsed)
         report = _report(
-            run_dir=run_dir, inputs=inputs, options=options, render=render, device=generator.device.describe(),
+            run_dir=run_dir, inputs=inputs, settings=settings, render=render, device=generator.device.describe(),
             base_model=generator.base_source.describe(), baseline=baseline, results=results,
             recommendation=recommendation, rule=rule, seconds=time.perf_counter() - started,
         )
@@ -392,8 +331,6 @@ def _write_outputs(folder: Path, report: dict, recommendation: Recommendation) -
 
 def _embed_paths(clip: ClipScorer, paths: list[Path]) -> torch.Tensor:
     # Opened a batch at a time: a large training set is never held in memory as decoded images.
-    from trainer.evaluate.clip import BATCH
-
     chunks = []
     for start in range(0, len(paths), BATCH):
         batch = []
@@ -418,14 +355,12 @@ def _round(value, digits: int = 6):
     return value
 
 
-def _report(*, run_dir: Path, inputs: _Inputs, options: EvaluationOptions, render: dict, device: str,
+def _report(*, run_dir: Path, inputs: _Inputs, settings: EvaluationSettings, render: dict, device: str,
             base_model: str, baseline: _Scored | None, results: list[dict], recommendation: Recommendation,
             rule: RuleParams, seconds: float) -> dict:
-    from trainer.utils.download import redact_url
-
     best = recommendation.best.candidate
     training_args, prompts = inputs.training_args, inputs.prompts
-    weights = options.aesthetic_weights
+    weights = settings.aesthetic_weights
     return _round({
         "version": REPORT_VERSION,
         "run": run_dir.name,
@@ -433,13 +368,13 @@ def _report(*, run_dir: Path, inputs: _Inputs, options: EvaluationOptions, rende
         "concept_mode": training_args.get("concept_mode"),
         "base_model": base_model,
         "settings": {
-            "clip_model": options.clip_model,
+            "clip_model": settings.clip_model,
             "aesthetic_weights": (redact_url(weights) if weights and weights.startswith(("http://", "https://"))
                                   else weights),
             "lora_scales": inputs.scales,
             "width": render["width"], "height": render["height"], "steps": render["steps"],
             "guidance": render["guidance"], "scheduler": render["scheduler"],
-            "images_per_prompt": render["per_prompt"], "seed": options.seed, "baseline": options.baseline,
+            "images_per_prompt": render["per_prompt"], "seed": settings.seed, "baseline": settings.baseline,
             "device": device,
         },
         "training_images": {"count": len(inputs.image_paths), "source": inputs.images_source},
@@ -488,34 +423,3 @@ def _summary(report: dict) -> str:
                      f"{cell(s['nearest'])} | {cell(row['combined'], '.2f')} | {'yes' if row['collapsed'] else 'no'} |")
     lines += ["", f"Rule: {report['rule']['text']}", ""]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ the hook
-def evaluate_after_training(session) -> dict[str, Path]:
-    """The end-of-training hook: evaluate the run's checkpoints; returns the zip extras (``{"evaluation": folder}``).
-
-    A failure is logged with its reason and leaves the run without an evaluation rather than without its zip: the
-    trained LoRA matters more than its scores, and ``python -m trainer evaluate RUN`` can redo them.
-    """
-    from trainer.training.outputs import sample_size
-
-    config = session.config
-    height, width = sample_size(session)
-    options = EvaluationOptions(
-        lora_scales=list(config.evaluation_lora_scales), clip_model=config.evaluation_clip_model,
-        aesthetic_weights=config.evaluation_aesthetic_weights, device=str(session.device.device),
-        weight_type=config.weight_type, steps=config.validation_num_inference_steps,
-        guidance=config.validation_guidance_scale, size=(width, height),
-        images_per_prompt=config.evaluation_images_per_prompt,
-    )
-    started = time.perf_counter()
-    try:
-        result = evaluate_run(session.run_dir, options, dataset=session.dataset)
-    except Exception:
-        logger.exception("checkpoint evaluation failed; the zip is built without it. Fix the cause and run "
-                         "`python -m trainer evaluate %s`", session.run_dir)
-        return {}
-    finally:
-        session.timings["evaluation_s"] = time.perf_counter() - started
-        session.device.empty_cache()
-    return {EVALUATION_DIR: result.folder}

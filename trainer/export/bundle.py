@@ -252,13 +252,13 @@ def usage_readme(spec: ExportSpec, has_lora: bool, has_embeddings: bool, full_un
     return "\n".join(lines)
 
 
-def write_zip(zip_path: Path, checkpoint: Path, extras: dict[str, Path], readme: str) -> Path:
-    """Zip the final checkpoint's files plus extras (samples, loss log, evaluation) atomically."""
-    from trainer.training.checkpoint import STATE_FILE
-
+def write_zip(zip_path: Path, checkpoint: Path, extras: dict[str, Path], readme: str,
+              leave_out: frozenset[str] = frozenset()) -> Path:
+    """Zip the final checkpoint's files (less those named in ``leave_out``) plus extras (samples, loss log,
+    evaluation) atomically."""
     with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for entry in sorted(checkpoint.rglob("*")):
-            if entry.is_file() and entry.name != STATE_FILE:
+            if entry.is_file() and entry.name not in leave_out:
                 archive.write(entry, entry.relative_to(checkpoint).as_posix())
         for arcname, source in extras.items():
             source = Path(source)

@@ -16,6 +16,7 @@ from pathlib import Path
 from trainer.config.schema import MAX_TOKEN_CHARS, MAX_TOKENS
 from trainer.data.ingest.archives import unpack_untrusted
 from trainer.data.limits import DataLimits
+from trainer.evaluate.recommended import recommended_scale
 from trainer.inference import eden_layout
 from trainer.models.loading import ModelSource, resolve_source
 from trainer.utils.atomic import atomic_dir
@@ -70,8 +71,6 @@ class LoraBundle:
     @property
     def recommended_lora_scale(self) -> float | None:
         """The LoRA scale the zip's checkpoint evaluation recommends for these weights, when it carries one."""
-        from trainer.evaluate.recommended import recommended_scale
-
         return recommended_scale(self.folder, self.training_args.get("max_train_steps"))
 
     def base_source(self, cache_dir: Path, override: str | None = None) -> ModelSource:

@@ -26,11 +26,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
+import peft
 import torch
+import transformers
 from PIL import Image
 
+from trainer.config.load import load_config, read_json
+from trainer.data.manifest import PreparedDataset, Sample
+from trainer.device import select_device, setup_device
+from trainer.models.loading import model_cache_dir
+from trainer.tooling.architectures import build_random_pipeline
+from trainer.training import step as step_module
+from trainer.training.loop import train
+from trainer.training.session import setup
+
 logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 REAL_MODELS = ("sdxl", "sd15")
 TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
@@ -54,8 +68,6 @@ class CaseResult:
 
 def synthetic_dataset(folder: Path, n: int, size: int):
     """``n`` random images already at the training size, captioned with the trigger (the prepared-data contract)."""
-    from trainer.data.manifest import PreparedDataset, Sample
-
     root = folder / "dataset"
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -73,40 +85,33 @@ def synthetic_dataset(folder: Path, n: int, size: int):
 def model_location(model: str, cache_dir: Path, device) -> str:
     if model in TINY_MODELS:
         return model
-    from trainer.tooling.architectures import build_random_pipeline
-
     return str(build_random_pipeline(model, cache_dir / "benchmark" / f"{model}-random-fp16", device=device))
 
 
 def _timed_steps(session, first_step: int, warmup: int, steps: int) -> tuple[float, float | None, float]:
-    from trainer.training import loop
-
     phase = session.schedule.at(first_step)
-    loop.enter_phase(session, phase, first_step)
+    step_module.enter_phase(session, phase, first_step)
     device = session.device
     started = time.perf_counter()
     for step in range(first_step, first_step + warmup):
-        loop.train_step(session, step, phase)
+        step_module.train_step(session, step, phase)
     device.synchronize()
     warmup_s = time.perf_counter() - started
     device.reset_peak_memory()
     started = time.perf_counter()
     for step in range(first_step + warmup, first_step + warmup + steps):
-        loss = loop.train_step(session, step, phase)
+        loss = step_module.train_step(session, step, phase)
     loss.item()  # one read-back, as the loop does at its logging interval
     device.synchronize()
     elapsed = time.perf_counter() - started
     peak = device.peak_memory_bytes()
-    images = steps * session.config.train_batch_size
+    images = steps * session.config.train_batch_size * session.config.gradient_accumulation_steps
     return images / elapsed, (peak / 2**30 if peak is not None else None), warmup_s
 
 
 def run_case(model: str, location: str, resolution: int, batch: int, optimizer: str, *, steps: int, warmup: int,
              device: str, weight_type: str, compile_: bool | None, gradient_checkpointing: bool,
              extra: dict | None = None) -> CaseResult:
-    from trainer.config import load_config
-    from trainer.training import loop
-
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         scratch = Path(scratch)
         dataset = synthetic_dataset(scratch, max(8, batch), resolution)
@@ -120,10 +125,10 @@ def run_case(model: str, location: str, resolution: int, batch: int, optimizer: 
             "weight_type": weight_type, "torch_compile": compile_, "gradient_checkpointing": gradient_checkpointing,
             "output_dir": str(scratch / "runs"), "seed": 0, "caption_model": "no_caption", **(extra or {}),
         })
-        session, _ = loop.setup(config, dataset=dataset)
+        session, _ = setup(config, dataset=dataset)
         session.latents.build_cache()
         if config.offload_idle_modules:
-            loop.offload_idle(session, True)
+            session.offload_idle(True)
         ti_rate, ti_peak, warmup_ti = _timed_steps(session, 0, warmup, steps)
         pivot_rate, pivot_peak, warmup_pivot = _timed_steps(session, session.schedule.ti_end, warmup, steps)
         result = CaseResult(
@@ -142,9 +147,6 @@ def run_case(model: str, location: str, resolution: int, batch: int, optimizer: 
 
 def end_to_end(location: str, *, device: str, weight_type: str, steps: int | None, extra: dict | None = None) -> dict:
     """The default job (Eden's defaults: 300 steps, 512 px, batch 4, 8 images) from an image folder to the zip."""
-    from trainer.config import load_config
-    from trainer.training.loop import train
-
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
         scratch = Path(scratch)
         images = scratch / "images"
@@ -165,12 +167,6 @@ def end_to_end(location: str, *, device: str, weight_type: str, steps: int | Non
 
 
 def environment(device: str) -> dict:
-    import diffusers
-    import peft
-    import transformers
-
-    from trainer.device import setup_device
-
     info = setup_device(device, "fp32")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -211,11 +207,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: Presets are the repository's configs: the benchmark takes their memory and speed settings and sets the model,
+#: the data, the size, the batch, the optimiser and the steps per case itself.
 PRESETS = {
     # The documented low-memory preset (16 GiB class cards such as the Intel Arc A770): recomputed activations,
-    # text encoders and VAE off the device once their outputs are cached, 8-bit AdamW where bitsandbytes runs.
-    "low-memory": {"gradient_checkpointing": True, "offload_idle_modules": True},
+    # text encoders and VAE off the device once their outputs are cached, batch 2 × accumulation 2.
+    "low-memory": "configs/low_memory_sdxl_1024.json",
 }
+#: Keys of a preset file that each benchmark case sets for itself.
+CASE_KEYS = frozenset({"lora_training_urls", "concept_mode", "sd_model_version", "ckpt_path", "resolution",
+                       "train_batch_size", "unet_optimizer_type", "weight_type", "max_train_steps", "output_dir",
+                       "device", "seed"})
+
+
+def preset_settings(name: str | None) -> dict:
+    """The settings a preset adds to every case: its config file less what the cases set themselves."""
+    if name is None:
+        return {}
+    path = REPO_ROOT / PRESETS[name]
+    if not path.is_file():
+        raise ValueError(f"preset {name!r} reads {PRESETS[name]}, which is not here: run the benchmark from a "
+                         "checkout of the repository")
+    return {key: value for key, value in read_json(path).items() if key not in CASE_KEYS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,12 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("benchmark-results.json"))
     args = parser.parse_args(argv)
 
-    from trainer.device import select_device
-    from trainer.models.loading import model_cache_dir
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     compile_ = {"auto": None, "on": True, "off": False}[args.compile]
-    extra = dict(PRESETS.get(args.preset, {}))
+    extra = preset_settings(args.preset)
     build_device = select_device(args.device)
     location = model_location(args.model, model_cache_dir(), build_device)
     report = {"command": "python -m trainer benchmark " + " ".join(argv or __import__("sys").argv[1:]),

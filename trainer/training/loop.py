@@ -10,34 +10,27 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from trainer.config import TrainingConfig
-from trainer.data.dataset import Batch
+from trainer.config.schema import TrainingConfig
 from trainer.data.manifest import PreparedDataset
-from trainer.training import checkpoint as ckpt
+from trainer.evaluate.recommended import EVALUATION_DIR
+from trainer.evaluate.runner import evaluate_run
+from trainer.evaluate.settings import EvaluationSettings
+from trainer.training.checkpoint import STATE_FILE, checkpoint_due, list_checkpoints, restore, save_checkpoint
 from trainer.training.errors import TrainingCancelled, TrainingDiverged
-from trainer.training.losses import (
-    add_l1_gradient,
-    conditioning_loss,
-    denoising_loss,
-    lora_l1,
-    min_snr_weights,
-    offset_noise,
-    snr,
-    target_for,
-    token_covariance_loss,
-)
-from trainer.training.outputs import LOSS_CSV, LOSS_PNG, build_zip, save_checkpoint
+from trainer.training.outputs import LOSS_CSV, LOSS_PNG, build_zip
+from trainer.training.resolved import ResolvedRun
 from trainer.training.schedule import Phase
-from trainer.training.session import Session, offload_idle, restore, setup
+from trainer.training.session import Session, setup
+from trainer.training.step import enter_phase, optimizer_step, train_step
+from trainer.utils.atomic import atomic_write_text
 from trainer.utils.plot import plot_losses
 
 logger = logging.getLogger(__name__)
@@ -69,6 +62,7 @@ class RunResult:
     zip_path: Path | None
     steps: int
     config: TrainingConfig
+    run: ResolvedRun
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -86,8 +80,6 @@ class LossLog:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        from trainer.utils.atomic import atomic_write_text
-
         text = "step,loss\n" + "".join(f"{s},{v:.6g}\n" for s, v in self.rows)
         atomic_write_text(self.path, text)
 
@@ -97,157 +89,9 @@ class LossLog:
             handle.writelines(f"{s},{v:.6g}\n" for s, v in rows)
 
 
-#: Eden saves no intermediate checkpoint this close to the end (main.py: ``global_step < max_train_steps - 25``).
-EDEN_CHECKPOINT_MARGIN = 25
-
-
-def checkpoint_due(config: TrainingConfig, done: int, total: int) -> bool:
-    """Whether an intermediate checkpoint is saved after ``done`` steps (``done == 0``: before training).
-
-    ``eden``: Eden's rule (main.py), checkpoints at 0, N, 2N, ... that lie more than 25 steps before the end, with
-    ``checkpointing_steps`` below 1 meaning ``max_train_steps`` (trainer/config.py). ``every``: every N steps
-    before the end, none at step 0. The final checkpoint is always saved, by the caller.
-    """
-    every = config.checkpointing_steps
-    if config.checkpoint_rule == "eden":
-        every = every if every >= 1 else total
-        return done % every == 0 and done < total - EDEN_CHECKPOINT_MARGIN
-    return every >= 1 and done > 0 and done % every == 0 and done < total
-
-
-def _step_seed(seed: int, micro_step: int) -> int:
-    # Counter-based seeding: the randomness of a step does not depend on how the run got there (resume-exact).
-    return (seed * 1_000_003 + micro_step * 7_919 + 12_345) % (2**63 - 1)
-
-
-def _apply_phase(session: Session, phase: Phase) -> None:
-    if session.tokens is not None:
-        session.tokens.requires_grad_(phase.ti)
-    for group in session.groups:
-        if group.name == "unet":
-            for p in group.params:
-                p.requires_grad_(phase.unet)
-        elif group.name == "te_lora":
-            for p in group.params:
-                p.requires_grad_(phase.te_lora)
-    for encoder in session.models.text_encoders:
-        encoder.train(phase.text_trains)
-    session.models.unet.train(True)
-
-
-def compute_loss(session: Session, batch: Batch, micro_step: int, phase: Phase) -> torch.Tensor:
-    """The loss of this process's share of the global ``batch`` of ``micro_step``."""
-    config, device = session.config, session.device
-    # Randomness is drawn for the whole global batch and then sliced, so that every sample gets the same noise,
-    # timestep and dropout whatever the number of processes.
-    share = session.dist.rank_slice(len(batch.indices))
-    dropout = random.Random(f"{session.seed}-dropout-{micro_step}")
-    # Eden replaces a dropped caption by the trigger tokens alone (main.py), not by the empty prompt.
-    texts = [session.dropout_caption if dropout.random() < config.caption_dropout else session.captions[i]
-             for i in batch.indices][share]
-    local = Batch(indices=batch.indices[share], flips=batch.flips[share], target_size=batch.target_size)
-    latents, masks = session.latents.get(local)
-    generator = device.generator(_step_seed(session.seed, micro_step))
-    global_shape = (len(batch.indices), *latents.shape[1:])
-    noise = torch.randn(global_shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    noise = offset_noise(noise, config.noise_offset, generator)[share]
-    n_train = session.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, n_train, (global_shape[0],), generator=generator, device=latents.device)[share]
-    noisy = session.noise_scheduler.add_noise(latents, noise, timesteps)
-    target = target_for(session.prediction_type, latents, noise, timesteps, session.noise_scheduler)
-    batch = local
-
-    with device.autocast():
-        with torch.set_grad_enabled(phase.text_trains):
-            prompt_embeds, pooled = session.text.encode(texts)
-        kwargs = {}
-        if session.models.is_sdxl:
-            time_ids = session.time_ids[batch.indices, [int(f) for f in batch.flips]]
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        token_mask = None
-        if session.probe is not None or config.tok_cond_reg_w > 0:
-            token_mask = session.tokens.new_token_mask(session.text.token_ids(texts)[0])
-        if session.probe is not None:
-            session.probe.reset(token_mask)
-        model_pred = session.models.unet(
-            noisy.to(memory_format=torch.channels_last) if device.prefers_channels_last else noisy,
-            timesteps, encoder_hidden_states=prompt_embeds, **kwargs,
-        ).sample
-
-    weights = None
-    if config.snr_gamma:
-        weights = min_snr_weights(snr(session.noise_scheduler.alphas_cumprod, timesteps), config.snr_gamma,
-                                  session.prediction_type)
-    loss = denoising_loss(model_pred, target, mask=masks, weights=weights)
-
-    if config.l1_penalty > 0 and session.unet_lora_params and phase.unet:
-        # The value joins the logged loss; its gradient is added in optimizer_step (see add_l1_gradient).
-        with torch.no_grad():
-            penalty = config.l1_penalty * lora_l1(session.unet_lora_params)
-        loss = loss + penalty
-    if session.cov_stats and phase.ti:
-        for (mean, inverse), parameter in zip(session.cov_stats, session.tokens.parameters(), strict=True):
-            loss = loss + config.tok_cov_reg_w * token_covariance_loss(parameter, mean, inverse)
-    if config.cond_reg_w > 0 and phase.text_trains:
-        loss = loss + config.cond_reg_w * conditioning_loss(prompt_embeds)
-    if config.tok_cond_reg_w > 0 and phase.text_trains and token_mask is not None:
-        loss = loss + config.tok_cond_reg_w * conditioning_loss(prompt_embeds, token_mask)
-    if session.probe is not None:
-        loss = loss + config.token_attention_loss_w * session.probe.loss(masks)
-    return loss
-
-
-def optimizer_step(session: Session, phase: Phase) -> None:
-    active = {"unet": phase.unet, "ti": phase.ti, "te_lora": phase.te_lora}
-    session.dist.average_gradients([p for g in session.groups if active[g.name] for p in g.params])
-    if session.config.l1_penalty > 0 and phase.unet and session.unet_lora_params:
-        add_l1_gradient(session.unet_lora_params, session.config.l1_penalty)
-    for group in session.groups:
-        if active[group.name]:
-            if session.config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(group.params, session.config.max_grad_norm, foreach=True)
-            group.optimizer.step()
-            group.scheduler.step()
-        else:
-            # A frozen group's schedule still follows the global step; PyTorch warns about stepping a scheduler
-            # whose optimiser has not stepped, which is intended here.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                group.scheduler.step()
-        group.optimizer.zero_grad(set_to_none=True)
-
-
-def enter_phase(session: Session, phase: Phase, step: int) -> None:
-    """Switch which parts train; cache text-encoder outputs once the text side is frozen for good."""
-    _apply_phase(session, phase)
-    config = session.config
-    if config.cache_text_encoder_outputs and not session.text.cached and session.schedule.text_frozen_from(step):
-        session.text.build_cache([*session.captions, session.dropout_caption], session.device.autocast)
-        logger.info("text side frozen from step %d: text-encoder outputs cached", step)
-        if config.offload_idle_modules:
-            offload_idle(session, True)
-
-
-def train_step(session: Session, step: int, phase: Phase) -> torch.Tensor:
-    """One optimisation step (all micro-batches); returns the mean loss as a device tensor (no synchronisation)."""
-    accum = session.config.gradient_accumulation_steps
-    step_loss = None
-    for micro in range(accum):
-        micro_step = step * accum + micro
-        loss = compute_loss(session, session.plan.batch(micro_step), micro_step, phase)
-        (loss / accum).backward()
-        if session.probe is not None:
-            session.probe.disarm()
-        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-    optimizer_step(session, phase)
-    return session.dist.average(step_loss / accum)
-
-
 def run(session: Session, state: dict | None = None, *, should_stop: Callable[[], bool] | None = None,
         on_progress: Callable[[ProgressEvent], None] | None = None, make_zip: bool = True) -> RunResult:
     """The training loop over a prepared session (``state``: a checkpoint's training state to resume from)."""
-    from tqdm.auto import tqdm
-
     config, dist = session.config, session.dist
     start_step = restore(session, state) if state else 0
     log = LossLog(session.run_dir, start_step) if dist.is_main else None
@@ -256,13 +100,13 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
     session.latents.build_cache()
     session.timings["latent_cache_s"] = time.perf_counter() - started
     if config.offload_idle_modules:
-        offload_idle(session, True)
+        session.offload_idle(True)
 
     current: Phase | None = None
     if state is None and checkpoint_due(config, 0, session.total_steps):
         # Eden's first checkpoint, before any step: the untrained tokens and LoRA, and their samples as a baseline.
         save_checkpoint(session, 0, with_samples=True)
-    existing = ckpt.list_checkpoints(session.run_dir)
+    existing = list_checkpoints(session.run_dir)
     last_good = existing[-1][1] if existing else None
     # disable=None: a bar on a terminal, none in logs (cog's log stream gets on_progress lines instead).
     bar = tqdm(total=session.total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
@@ -275,7 +119,7 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"training was cancelled at step {step}")
             phase = session.schedule.at(step)
-            if not (phase.ti or phase.unet or phase.te_lora):
+            if not phase.anything_trains:
                 # Nothing trains in this stretch (for example after the UNet froze and the tokens pivoted): the
                 # schedules still advance so that a resumed run lines up.
                 optimizer_step(session, phase)
@@ -320,14 +164,12 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
         plot_losses(log.rows, session.run_dir / LOSS_PNG)
         extras = {}
         if config.evaluate_checkpoints:
-            from trainer.evaluate import evaluate_after_training
-
             extras = evaluate_after_training(session)
         if make_zip:
-            zip_path = build_zip(session, final, extras)
+            zip_path = build_zip(session, final, extras, leave_out=frozenset({STATE_FILE}))
         logger.info("done: %s", zip_path or final)
     dist.barrier()
-    return RunResult(session.run_dir, final, zip_path, session.total_steps, config, session.timings)
+    return RunResult(session.run_dir, final, zip_path, session.total_steps, config, session.run, session.timings)
 
 
 def train(config: TrainingConfig, *, run_dir: Path | None = None, dataset: PreparedDataset | None = None,
@@ -344,3 +186,30 @@ def train(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     result = run(session, state, should_stop=should_stop, on_progress=on_progress, make_zip=make_zip)
     result.timings["total_s"] = time.perf_counter() - wall_start
     return result
+
+
+def evaluate_after_training(session: Session) -> dict[str, Path]:
+    """The end-of-training evaluation (``evaluate_checkpoints``): evaluate the run's checkpoints; returns the zip
+    extras (``{"evaluation": folder}``).
+
+    A failure is logged with its reason and leaves the run without an evaluation rather than without its zip: the
+    trained LoRA matters more than its scores, and ``python -m trainer evaluate RUN`` can redo them.
+    """
+    config = session.config
+    height, width = session.run.sample_size
+    started = time.perf_counter()
+    try:
+        settings = EvaluationSettings.from_config(
+            config, device=str(session.device.device), weight_type=config.weight_type,
+            steps=config.validation_num_inference_steps, guidance=config.validation_guidance_scale,
+            size=(width, height))
+        result = evaluate_run(session.run_dir, settings, dataset=session.dataset)
+    except Exception:
+        logger.exception("checkpoint evaluation failed; the zip is built without it. Fix the cause and run "
+                         "`python -m trainer evaluate %s`", session.run_dir)
+        return {}
+    finally:
+        session.timings["evaluation_s"] = time.perf_counter() - started
+        session.device.empty_cache()
+    return {EVALUATION_DIR: result.folder}
+

@@ -10,6 +10,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -18,10 +19,21 @@ from trainer.device import DeviceInfo
 logger = logging.getLogger(__name__)
 
 
+class GroupName(str, Enum):
+    """The parts of the model that train, each with its own optimiser. The values name the groups in checkpoints
+    (``training_state.pt``) and logs."""
+
+    UNET = "unet"
+    TOKENS = "ti"
+    TEXT_ENCODER_LORA = "te_lora"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class ParamGroup:
-    name: str
-    """unet, ti or te_lora"""
+    name: GroupName
     params: list[torch.nn.Parameter]
     optimizer_type: str
     lr: float

@@ -7,22 +7,19 @@ Eden's training loop (``main.py`` of edenartlab/sd-lora-trainer) measures the ru
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trainer.config import TrainingConfig
-from trainer.config.schema import MAX_TRAIN_STEPS
-
-logger = logging.getLogger(__name__)
+from trainer.config.schema import TrainingConfig
+from trainer.training.optimizers import GroupName
 
 #: Eden's exponents of the decaying learning rates (main.py): tokens (1 − f)^1.7, text-encoder LoRA (1 − f)^2.
 EDEN_TI_DECAY = 1.7
 EDEN_TE_DECAY = 2.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Phase:
     """Which parts train at a step."""
 
@@ -30,9 +27,16 @@ class Phase:
     unet: bool
     te_lora: bool
 
+    def trains(self, group: GroupName) -> bool:
+        return {GroupName.UNET: self.unet, GroupName.TOKENS: self.ti, GroupName.TEXT_ENCODER_LORA: self.te_lora}[group]
+
     @property
     def text_trains(self) -> bool:
         return self.ti or self.te_lora
+
+    @property
+    def anything_trains(self) -> bool:
+        return self.ti or self.unet or self.te_lora
 
 
 @dataclass(frozen=True)
@@ -105,21 +109,6 @@ class Schedule:
         return step >= max(self.ti_end, self.te_end)
 
 
-def resolve_total_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
-    """Eden's rule: ``max_train_steps`` always sets the run length (main.py derives the epochs from it). Only an
-    explicit ``max_train_steps: null`` trains by ``num_train_epochs``."""
-    if config.max_train_steps is not None:
-        return config.max_train_steps
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
-    total = config.num_train_epochs * steps_per_epoch
-    if total > MAX_TRAIN_STEPS:
-        raise ValueError(
-            f"num_train_epochs {config.num_train_epochs} × {steps_per_epoch} steps per epoch is {total} steps, "
-            f"over the limit of {MAX_TRAIN_STEPS}; use fewer epochs or set max_train_steps"
-        )
-    return total
-
-
 # ---------------------------------------------------------------------------------------- Eden's learning rates
 def eden_cold_unet_lr(config: TrainingConfig) -> float:
     """The UNet's starting rate in Eden's main.py: low while the tokens learn, higher without them."""
@@ -147,22 +136,22 @@ def _linear_warmup(step: int, warmup: int) -> float:
     return min(step / warmup, 1.0) if warmup > 0 else 1.0
 
 
-def eden_lr_lambda(name: str, config: TrainingConfig, schedule: Schedule, optimizer_type: str,
+def eden_lr_lambda(name: GroupName, config: TrainingConfig, schedule: Schedule, optimizer_type: str,
                    base_lr: float) -> Callable[[int], float]:
     """The multiplier of an optimiser's initial rate ``base_lr`` that gives Eden's rate at each step."""
     progress = schedule.progress
-    if name == "unet":
+    if name == GroupName.UNET:
         rate = eden_unet_lr(config, schedule.total)
         # Eden writes the rate into the optimiser whatever it is, Prodigy included (whose rate multiplies its own
         # estimate); the UNet's rate is 0 while it is frozen.
         return lambda step: (0.0 if progress.completion(step) < schedule.unet_from_completion
                              else rate(step) / base_lr)
-    if name == "ti":
+    if name == GroupName.TOKENS:
         if optimizer_type == "prodigy":
             return lambda step: 1.0
         return lambda step: ((1.0 - progress.completion(step)) ** EDEN_TI_DECAY
                              * _linear_warmup(step, config.ti_lr_warmup_steps))
-    if name == "te_lora":
+    if name == GroupName.TEXT_ENCODER_LORA:
         return lambda step: ((1.0 - progress.completion(step)) ** EDEN_TE_DECAY
                              * _linear_warmup(step, config.txt_encoders_lr_warmup_steps))
     raise ValueError(f"no Eden learning-rate curve for parameter group {name!r}")

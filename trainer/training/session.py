@@ -1,9 +1,13 @@
-"""A run's session: everything set up before the first step, and its resumable state."""
+"""Setting a run up: :func:`setup` calls one named builder per part, in order, and gathers what they make in a
+:class:`Session`, the state the loop works on.
+
+The order matters for reproducibility: everything random after the second seeding (the token initialisation, the
+LoRA matrices) is drawn in the same order in every run.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -12,46 +16,50 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 
 from trainer.adapters import lora as lora_adapters
+from trainer.adapters.attention_probe import TokenAttentionProbe, install_probe
 from trainer.adapters.tokens import CONCEPT_INIT_WORDS, NewTokens, TokenInit
-from trainer.config import TrainingConfig, save_config
-from trainer.config.schema import MAX_TOKENS, default_token_list
+from trainer.config.load import save_training_args
+from trainer.config.schema import TrainingConfig
+from trainer.data.augment import flips_allowed
 from trainer.data.captions import replace_trigger
 from trainer.data.dataset import BatchPlan, LatentSource
 from trainer.data.manifest import PreparedDataset
-from trainer.device import DeviceInfo, cpu_rng_state, set_cpu_rng_state, setup_device
+from trainer.data.prepare import prepare_dataset
+from trainer.device import DeviceInfo, select_device, setup_device
 from trainer.distributed import Distributed, init_distributed
-from trainer.export.files import safe_name
 from trainer.models.loading import SDModels, load_models, model_cache_dir, resolve_source
 from trainer.models.text import PromptEncoder
 from trainer.training import checkpoint as ckpt
-from trainer.training.losses import (
-    TokenAttentionProbe,
-    probe_layer_names,
-)
-from trainer.training.optimizers import ParamGroup, build_groups
-from trainer.training.schedule import Schedule, eden_lr_lambda, resolve_total_steps
+from trainer.training.optimizers import GroupName, ParamGroup, build_groups
+from trainer.training.resolved import ResolvedRun, choose_seed, new_run_dir, resolve_run, resolve_tokens
+from trainer.training.schedule import Schedule, eden_lr_lambda
 
 logger = logging.getLogger(__name__)
 
 
-def _choose_seed(config: TrainingConfig) -> int:
-    if config.seed is not None:
-        return config.seed
-    return random.SystemRandom().randrange(0, 2**31 - 1)
+@dataclass(frozen=True)
+class Adapters:
+    """The trainable parameters the adapters added (or the whole UNet for a full fine-tune)."""
+
+    unet: list[torch.nn.Parameter]
+    unet_lora: list[torch.nn.Parameter]
+    """The LoRA matrices (A and B) of the UNet: what the L1 penalty acts on (not DoRA magnitudes)."""
+    text_encoders: list[torch.nn.Parameter]
+
+    @property
+    def te_lora(self) -> bool:
+        return bool(self.text_encoders)
 
 
-def _run_dir(config: TrainingConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = safe_name(config.run_name)
-    base = Path(config.output_dir) / f"{name}_{stamp}"
-    path = base
-    counter = 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{counter}")
-        counter += 1
-    return path
+@dataclass(frozen=True)
+class Noise:
+    """The training noise schedule and what the UNet predicts."""
+
+    scheduler: DDPMScheduler
+    prediction_type: str
 
 
 @dataclass
@@ -59,80 +67,151 @@ class Session:
     """Everything a run holds between steps."""
 
     config: TrainingConfig
+    """As validated; never changed. What the run derived from it is in ``run``."""
+    run: ResolvedRun
     device: DeviceInfo
+    dist: Distributed
     models: SDModels
     dataset: PreparedDataset
-    run_dir: Path
-    seed: int
-    total_steps: int
+    tokens: NewTokens | None
+    adapters: Adapters
     schedule: Schedule
     groups: list[ParamGroup]
-    tokens: NewTokens | None
-    unet_lora_params: list[torch.nn.Parameter]
-    """The LoRA matrices (A and B) of the UNet: what the L1 penalty acts on (not DoRA magnitudes)."""
-    te_lora: bool
-    text: PromptEncoder
-    latents: LatentSource
     plan: BatchPlan
-    noise_scheduler: object
-    prediction_type: str
+    latents: LatentSource
+    text: PromptEncoder
+    noise: Noise
     captions: list[str]
+    """Each sample's caption with the trigger replaced by the new tokens."""
     time_ids: torch.Tensor | None
-    token_string: str | None
-    dropout_caption: str
-    """What a dropped caption becomes: the trigger tokens alone, as in Eden (empty without tokens)."""
     probe: TokenAttentionProbe | None
     cov_stats: list[tuple[torch.Tensor, torch.Tensor]]
-    dist: Distributed = field(default_factory=Distributed)
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
 
-def _resolve_tokens(config: TrainingConfig, tokenizer) -> None:
-    """An initial phrase sets n_tokens (unless n_tokens was given): resolve that before inserting tokens."""
-    if config.disable_ti or config.initial_phrase is None:
-        return
-    n = len(tokenizer(config.initial_phrase, add_special_tokens=False).input_ids)
-    if n == config.n_tokens:
-        return
-    if n > MAX_TOKENS:
-        raise ValueError(f"initial_phrase {config.initial_phrase[:80]!r} has {n} tokens, more than the {MAX_TOKENS} "
-                         "new tokens a concept may have; use a shorter phrase")
-    if config.explicitly_set("n_tokens") or config.explicitly_set("inserting_list_tokens"):
-        raise ValueError(
-            f"initial_phrase {config.initial_phrase!r} has {n} tokens but n_tokens is {config.n_tokens}; leave "
-            "n_tokens unset to take the phrase's length, or change the phrase"
-        )
-    config.n_tokens = n
-    config.inserting_list_tokens = default_token_list(n)
-    config.token_dict = {config.trigger: "".join(config.inserting_list_tokens)}
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.total_steps
+
+    @property
+    def token_string(self) -> str | None:
+        return self.run.token_string if self.tokens is not None else None
+
+    @property
+    def dropout_caption(self) -> str:
+        return self.token_string or ""
+
+    @property
+    def te_lora(self) -> bool:
+        return self.adapters.te_lora
+
+    @property
+    def unet_lora_params(self) -> list[torch.nn.Parameter]:
+        return self.adapters.unet_lora
+
+    @property
+    def noise_scheduler(self) -> DDPMScheduler:
+        return self.noise.scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise.prediction_type
+
+    def offload_idle(self, offload: bool) -> None:
+        """Move the modules that cached outputs replaced (text encoders; the VAE once latents are cached) off the
+        device, or back for sampling."""
+        target = torch.device("cpu") if offload else self.device.device
+        modules = list(self.models.text_encoders) if self.text.cached else []
+        if self.latents.cache_enabled:
+            modules.append(self.models.vae)
+        for module in modules:
+            module.to(target)
+        if offload:
+            self.device.empty_cache()
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run lives and how it is seeded, decided before anything is loaded."""
+
+    run_dir: Path
+    seed: int
+    start_time: float
+    state: dict | None
+    """The training state of the checkpoint being resumed, if any."""
+
+
+# ============================================================================================== the recipe
 def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: PreparedDataset | None = None,
           allow_local_sources: bool = True, local_paths: bool = True) -> tuple[Session, dict | None]:
+    """Build a run's session; returns it with the training state to resume from (None for a new run)."""
     timings: dict[str, float] = {}
-    config = config.model_copy(deep=True)
-    from trainer.device import select_device
-
     dist = init_distributed(cpu=select_device(config.device).type == "cpu")
+    start = start_run(config, run_dir, dist)
+    _seed_everything(start.seed)
+    device = setup_device(config.device, config.weight_type, config.allow_tf32,
+                          local_rank=dist.local_rank if dist.enabled else None)
+    models = _timed(timings, "model_load_s", load_base_models, config, device, dist, local_paths)
+    dataset = _timed(timings, "data_prep_s", prepare_data, config, models, start, dist, dataset,
+                     allow_local_sources)
+    place_models(models, device, full_unet=not config.is_lora)
+    # Seed again right before anything random is initialised: model loading and dataset preparation may or may
+    # not draw random numbers (a fixture built on first use, a captioner), and the run must not depend on that.
+    _seed_everything(start.seed)
+
+    token_list, token_dict = resolve_tokens(config, _token_counter(models))
+    tokens = add_tokens(config, models, token_list)
+    adapters = add_adapters(config, models)
+    flip = flips_allowed(config.concept_mode, config.left_right_flip_augmentation)
+    # The plan is over global batches (every process's share together) so that N processes see the same data as
+    # one process with an N times larger batch.
+    plan = BatchPlan(dataset, config.train_batch_size * dist.world_size, start.seed, flip)
+    run = resolve_run(config, run_dir=start.run_dir, seed=start.seed, start_time=start.start_time,
+                      version=models.version, tokens=token_list, token_dict=token_dict,
+                      batches_per_epoch=plan.batches_per_epoch, train_size=dataset.target_sizes[0])
+    schedule = Schedule.from_config(config, run.total_steps, tokens is not None, adapters.te_lora,
+                                    run.steps_per_epoch)
+    groups = build_optimizer_groups(config, run, schedule, device, tokens, adapters)
+    probe = install_token_probe(config, models, tokens)
+    compile_unet(config, models, device)
+
+    session = Session(
+        config=config, run=run, device=device, dist=dist, models=models, dataset=dataset, tokens=tokens,
+        adapters=adapters, schedule=schedule, groups=groups, plan=plan,
+        latents=latent_source(config, dataset, models, device, flip), text=PromptEncoder(
+            models.text_encoders, models.tokenizers, models.is_sdxl, device.device),
+        noise=noise_setup(config, models, device), captions=training_captions(dataset, run, tokens),
+        time_ids=sdxl_time_ids(dataset, device.device) if models.is_sdxl else None, probe=probe,
+        cov_stats=covariance_statistics(config, models, tokens), timings=timings,
+    )
+    if dist.is_main:
+        save_training_args(run.training_args(config), run.run_dir / "training_args.json")
+    return session, start.state
+
+
+# ============================================================================================== builders
+def start_run(config: TrainingConfig, run_dir: Path | None, dist: Distributed) -> RunStart:
+    """The run folder (a resumed checkpoint's, the caller's, or a new one), the seed and the resumable state."""
     resume_checkpoint = ckpt.resolve_resume(config.resume_from) if config.resume_from else None
     if resume_checkpoint is not None:
         run_dir = ckpt.run_dir_of(resume_checkpoint)
-    run_dir = Path(dist.broadcast(str(run_dir) if run_dir else str(_run_dir(config))))
+    run_dir = Path(dist.broadcast(str(run_dir) if run_dir else str(new_run_dir(config))))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     state = ckpt.load_state(resume_checkpoint) if resume_checkpoint else None
-    seed = state["seed"] if state else dist.broadcast(_choose_seed(config))
-    config.seed = seed
-    config.name = config.run_name
-    if not config.start_time:
-        config.start_time = time.time()
-    _seed_everything(seed)
+    seed = state["seed"] if state else dist.broadcast(choose_seed(config))
+    return RunStart(run_dir=run_dir, seed=seed, start_time=time.time(), state=state)
 
-    device = setup_device(config.device, config.weight_type, config.allow_tf32,
-                          local_rank=dist.local_rank if dist.enabled else None)
+
+def load_base_models(config: TrainingConfig, device: DeviceInfo, dist: Distributed, local_paths: bool) -> SDModels:
     cache_dir = model_cache_dir(config.model_cache_dir)
-
-    started = time.perf_counter()
     source = resolve_source(config.ckpt_path, config.pretrained_model, config.sd_model_version, cache_dir,
                             local_paths=local_paths)
     # The main process loads first, so that downloads and fixture builds into the shared cache happen once.
@@ -142,87 +221,86 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
                          single_file_config=config.single_file_config)
     if dist.is_main:
         dist.barrier()
-    config.sd_model_version = models.version
-    timings["model_load_s"] = time.perf_counter() - started
+    return models
 
-    started = time.perf_counter()
+
+def prepare_data(config: TrainingConfig, models: SDModels, start: RunStart, dist: Distributed,
+                 dataset: PreparedDataset | None, allow_local_sources: bool) -> PreparedDataset:
+    """The prepared training set (given, or made by the main process; the others read its manifest)."""
     if dataset is None:
-        from trainer.data.prepare import prepare_dataset
-
-        # One process fetches and prepares the data; the others read the manifest it wrote.
         if dist.is_main:
-            dataset = prepare_dataset(config, run_dir, allow_local=allow_local_sources)
+            dataset = prepare_dataset(config, start.run_dir, seed=start.seed, allow_local=allow_local_sources)
         dist.barrier()
         if not dist.is_main:
-            dataset = PreparedDataset.load(run_dir / "dataset")
-    timings["data_prep_s"] = time.perf_counter() - started
+            dataset = PreparedDataset.load(start.run_dir / "dataset")
+    multiple = models.unet_size_multiple
     for size in dataset.target_sizes:
-        multiple = models.unet_size_multiple
         if size[0] % multiple or size[1] % multiple:
             raise ValueError(f"training size {size[1]}x{size[0]} is not a multiple of {multiple} for this model")
+    return dataset
 
-    _place_models(models, device, full_unet=not config.is_lora)
-    # Seed again right before anything random is initialised: model loading and dataset preparation may or may
-    # not draw random numbers (a fixture built on first use, a captioner), and the run must not depend on that.
-    _seed_everything(seed)
 
-    # ---- new tokens
-    tokens = None
-    token_string = None
-    if not config.disable_ti:
-        _resolve_tokens(config, models.tokenizers[0])
-        init = TokenInit(
-            word=config.initializer_token or (None if config.initial_phrase or config.initial_embedding_file
-                                              else CONCEPT_INIT_WORDS[config.concept_mode]),
-            phrase=config.initial_phrase,
-            file=config.initial_embedding_file,
-        )
-        tokens = NewTokens.insert(models.text_encoders, models.tokenizers, config.inserting_list_tokens, init)
-        token_string = config.token_dict[config.trigger]
+def place_models(models: SDModels, device: DeviceInfo, full_unet: bool) -> None:
+    models.unet.to(device.device, dtype=torch.float32 if full_unet else device.dtype)
+    # SDXL's VAE overflows in fp16; latents are cached once, so fp32 there costs nothing per step.
+    vae_dtype = torch.float32 if (device.dtype == torch.float16 and models.is_sdxl) else device.dtype
+    models.vae.to(device.device, dtype=vae_dtype)
+    for encoder in models.text_encoders:
+        encoder.to(device.device, dtype=device.dtype)
+    if device.prefers_channels_last:
+        models.unet.to(memory_format=torch.channels_last)
 
-    # ---- adapters
-    alpha = config.lora_rank * config.lora_alpha_multiplier
-    unet_lora_params: list[torch.nn.Parameter] = []
+
+def add_tokens(config: TrainingConfig, models: SDModels, token_list: tuple[str, ...]) -> NewTokens | None:
+    """Insert the new tokens into every tokenizer and text encoder (None with ``disable_ti``)."""
+    if config.disable_ti:
+        return None
+    init = TokenInit(
+        word=config.initializer_token or (None if config.initial_phrase or config.initial_embedding_file
+                                          else CONCEPT_INIT_WORDS[config.concept_mode]),
+        phrase=config.initial_phrase,
+        file=config.initial_embedding_file,
+    )
+    return NewTokens.insert(models.text_encoders, models.tokenizers, list(token_list), init)
+
+
+def add_adapters(config: TrainingConfig, models: SDModels) -> Adapters:
+    """The UNet's LoRA (or DoRA; or the whole UNet for a full fine-tune) and the text encoders' LoRA."""
+    unet_lora: list[torch.nn.Parameter] = []
     if config.is_lora:
-        unet_params = lora_adapters.add_unet_lora(models.unet, config.lora_rank, alpha, config.use_dora)
-        unet_lora_params = [p for n, p in models.unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+        unet = lora_adapters.add_unet_lora(models.unet, config.lora_rank,
+                                           config.lora_rank * config.lora_alpha_multiplier, config.use_dora)
+        unet_lora = [p for n, p in models.unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
     else:
         models.unet.requires_grad_(True)
-        unet_params = list(models.unet.parameters())
-    te_lora_params: list[torch.nn.Parameter] = []
-    te_lora = config.text_encoder_lora_optimizer is not None
-    if te_lora:
+        unet = list(models.unet.parameters())
+    text_encoders: list[torch.nn.Parameter] = []
+    if config.text_encoder_lora_optimizer is not None:
         for encoder in models.text_encoders:
             # Eden: the text-encoder LoRA's alpha follows lora_alpha_multiplier too (trainer/optimizer.py).
-            te_lora_params += lora_adapters.add_text_encoder_lora(
+            text_encoders += lora_adapters.add_text_encoder_lora(
                 encoder, config.text_encoder_lora_rank, config.text_encoder_lora_rank * config.lora_alpha_multiplier
             )
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
+    return Adapters(unet=unet, unet_lora=unet_lora, text_encoders=text_encoders)
 
-    # ---- data
-    flip = config.left_right_flip_augmentation and config.concept_mode != "face"
-    # The plan is over global batches (every process's share together) so that N processes see the same data as
-    # one process with an N times larger batch.
-    plan = BatchPlan(dataset, config.train_batch_size * dist.world_size, seed, flip)
-    total_steps = resolve_total_steps(config, plan.batches_per_epoch)
-    config.max_train_steps = total_steps
-    config.num_train_epochs = math.ceil(total_steps * config.gradient_accumulation_steps / plan.batches_per_epoch)
-    steps_per_epoch = max(1, math.ceil(plan.batches_per_epoch / config.gradient_accumulation_steps))
-    schedule = Schedule.from_config(config, total_steps, tokens is not None, te_lora, steps_per_epoch)
 
+def build_optimizer_groups(config: TrainingConfig, run: ResolvedRun, schedule: Schedule, device: DeviceInfo,
+                           tokens: NewTokens | None, adapters: Adapters) -> list[ParamGroup]:
+    """One optimiser and learning-rate schedule per part that trains at some step of the run."""
     groups = []
     # Eden builds no UNet optimiser when unet_lr is 0 (a tokens-only run).
-    if unet_params and config.unet_lr > 0 and schedule.unet_end > schedule.unet_start:
-        groups.append(ParamGroup("unet", unet_params, config.unet_optimizer_type, config.unet_lr,
+    if adapters.unet and config.unet_lr > 0 and schedule.unet_end > schedule.unet_start:
+        groups.append(ParamGroup(GroupName.UNET, adapters.unet, config.unet_optimizer_type, config.unet_lr,
                                  config.lora_weight_decay, config.unet_lr_warmup_steps or 0))
     if tokens is not None and schedule.ti_end > 0:
-        groups.append(ParamGroup("ti", tokens.parameters(), config.ti_optimizer, config.ti_lr,
+        groups.append(ParamGroup(GroupName.TOKENS, tokens.parameters(), config.ti_optimizer, config.ti_lr,
                                  config.ti_weight_decay, config.ti_lr_warmup_steps))
-    if te_lora_params and schedule.te_end > schedule.unet_start:
-        groups.append(ParamGroup("te_lora", te_lora_params, config.text_encoder_lora_optimizer,
-                                 config.text_encoder_lora_lr, config.text_encoder_lora_weight_decay,
-                                 config.txt_encoders_lr_warmup_steps))
+    if adapters.text_encoders and schedule.te_end > schedule.unet_start:
+        groups.append(ParamGroup(GroupName.TEXT_ENCODER_LORA, adapters.text_encoders,
+                                 config.text_encoder_lora_optimizer, config.text_encoder_lora_lr,
+                                 config.text_encoder_lora_weight_decay, config.txt_encoders_lr_warmup_steps))
     if not groups:
         raise ValueError(
             "nothing would train with these settings: check unet_lr, disable_ti, freeze_ti_after_completion_f, "
@@ -231,57 +309,55 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     if config.lr_scheduler == "eden":
         for group in groups:
             group.lr_lambda = eden_lr_lambda(group.name, config, schedule, group.optimizer_type, group.initial_lr)
-    build_groups(groups, device, schedule=config.lr_scheduler, total_steps=total_steps,
-                 d_coef=config.prodigy_d_coef, growth_rate=config.unet_prodigy_growth_factor)
+    return build_groups(groups, device, schedule=config.lr_scheduler, total_steps=run.total_steps,
+                        d_coef=config.prodigy_d_coef, growth_rate=config.unet_prodigy_growth_factor)
 
-    # ---- per-run constants
-    from diffusers import DDPMScheduler
 
-    prediction_type = config.prediction_type or models.scheduler.config.get("prediction_type", "epsilon")
-    noise_scheduler = DDPMScheduler.from_config(models.scheduler.config, prediction_type=prediction_type)
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device.device)
-    captions = [
-        replace_trigger(s.caption, dataset.trigger, token_string) if token_string else s.caption
-        for s in dataset.samples
-    ]
-    time_ids = sdxl_time_ids(dataset, device.device) if models.is_sdxl else None
-    vae_dtype = models.vae.dtype
-    latents = LatentSource(dataset, models.vae, device.device, vae_dtype=vae_dtype, cache=config.cache_vae_outputs,
-                           flip=flip, use_masks=config.use_masks, scale_factor=models.vae_scale_factor,
-                           workers=config.dataloader_num_workers)
-    text = PromptEncoder(models.text_encoders, models.tokenizers, models.is_sdxl, device.device)
-
-    probe = None
+def install_token_probe(config: TrainingConfig, models: SDModels,
+                        tokens: NewTokens | None) -> TokenAttentionProbe | None:
+    """The attention probe, only while its loss has a weight (it costs nothing otherwise)."""
     if config.token_attention_loss_w > 0 and tokens is not None:
-        probe = TokenAttentionProbe()
-        layers = probe_layer_names(models.unet)
-        processors = dict(models.unet.attn_processors)
-        for name in layers:
-            processors[name] = probe.processor()
-        models.unet.set_attn_processor(processors)
-    cov_stats = []
+        return install_probe(models.unet)
+    return None
+
+
+def compile_unet(config: TrainingConfig, models: SDModels, device: DeviceInfo) -> None:
+    if not (config.torch_compile if config.torch_compile is not None else device.supports_compile):
+        return
+    # Regional compilation: each transformer block compiles once and is reused, so the warm-up takes seconds where
+    # compiling the whole UNet takes minutes. After LoRA injection, so the adapters are compiled in.
+    # TRAINER_COMPILE_BACKEND picks another torch.compile backend (e.g. aot_eager to debug graph capture).
+    backend = os.environ.get("TRAINER_COMPILE_BACKEND", "inductor")
+    models.unet.compile_repeated_blocks(dynamic=False, backend=backend)
+    logger.info("compiling the UNet's transformer blocks (regional torch.compile, %s)", backend)
+
+
+def latent_source(config: TrainingConfig, dataset: PreparedDataset, models: SDModels, device: DeviceInfo,
+                  flip: bool) -> LatentSource:
+    return LatentSource(dataset, models.vae, device.device, vae_dtype=models.vae.dtype,
+                        cache=config.cache_vae_outputs, flip=flip, use_masks=config.use_masks,
+                        scale_factor=models.vae_scale_factor, workers=config.dataloader_num_workers)
+
+
+def noise_setup(config: TrainingConfig, models: SDModels, device: DeviceInfo) -> Noise:
+    prediction_type = config.prediction_type or models.scheduler.config.get("prediction_type", "epsilon")
+    scheduler = DDPMScheduler.from_config(models.scheduler.config, prediction_type=prediction_type)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device.device)
+    return Noise(scheduler, prediction_type)
+
+
+def training_captions(dataset: PreparedDataset, run: ResolvedRun, tokens: NewTokens | None) -> list[str]:
+    token_string = run.token_string if tokens is not None else None
+    return [replace_trigger(s.caption, dataset.trigger, token_string) if token_string else s.caption
+            for s in dataset.samples]
+
+
+def covariance_statistics(config: TrainingConfig, models: SDModels,
+                          tokens: NewTokens | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pretrained embeddings' mean and inverse covariance per encoder, for the token covariance term."""
     if config.tok_cov_reg_w > 0 and tokens is not None:
-        cov_stats = [tokens.pretrained_statistics(i) for i in range(len(models.text_encoders))]
-
-    if config.torch_compile if config.torch_compile is not None else device.supports_compile:
-        # Regional compilation: each transformer block compiles once and is reused, so the warm-up takes seconds
-        # where compiling the whole UNet takes minutes. After LoRA injection, so the adapters are compiled in.
-        # TRAINER_COMPILE_BACKEND picks another torch.compile backend (e.g. aot_eager to debug graph capture).
-        backend = os.environ.get("TRAINER_COMPILE_BACKEND", "inductor")
-        models.unet.compile_repeated_blocks(dynamic=False, backend=backend)
-        logger.info("compiling the UNet's transformer blocks (regional torch.compile, %s)", backend)
-
-    session = Session(
-        config=config, device=device, models=models, dataset=dataset, run_dir=run_dir, seed=seed, dist=dist,
-        total_steps=total_steps, schedule=schedule, groups=groups, tokens=tokens,
-        unet_lora_params=unet_lora_params, te_lora=te_lora, text=text, latents=latents, plan=plan,
-        noise_scheduler=noise_scheduler, prediction_type=prediction_type, captions=captions, time_ids=time_ids,
-        token_string=token_string, dropout_caption=token_string or "", probe=probe, cov_stats=cov_stats,
-        timings=timings,
-    )
-    if dist.is_main:
-        save_config(config, run_dir / "training_args.json")
-    return session, state
+        return [tokens.pretrained_statistics(i) for i in range(len(models.text_encoders))]
+    return []
 
 
 def sdxl_time_ids(dataset: PreparedDataset, device: torch.device) -> torch.Tensor:
@@ -302,79 +378,20 @@ def sdxl_time_ids(dataset: PreparedDataset, device: torch.device) -> torch.Tenso
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
+# ============================================================================================== helpers
+def _token_counter(models: SDModels):
+    tokenizer = models.tokenizers[0]
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _timed(timings: dict[str, float], key: str, build, *args):
+    started = time.perf_counter()
+    result = build(*args)
+    timings[key] = time.perf_counter() - started
+    return result
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _place_models(models: SDModels, device: DeviceInfo, full_unet: bool) -> None:
-    models.unet.to(device.device, dtype=torch.float32 if full_unet else device.dtype)
-    # SDXL's VAE overflows in fp16; latents are cached once, so fp32 there costs nothing per step.
-    vae_dtype = torch.float32 if (device.dtype == torch.float16 and models.is_sdxl) else device.dtype
-    models.vae.to(device.device, dtype=vae_dtype)
-    for encoder in models.text_encoders:
-        encoder.to(device.device, dtype=device.dtype)
-    if device.prefers_channels_last:
-        models.unet.to(memory_format=torch.channels_last)
-
-
-def offload_idle(session: Session, offload: bool) -> None:
-    """Move the modules that cached outputs replaced (text encoders; the VAE once latents are cached) off the
-    device, or back for sampling."""
-    target = torch.device("cpu") if offload else session.device.device
-    modules = list(session.models.text_encoders) if session.text.cached else []
-    if session.latents.cache_enabled:
-        modules.append(session.models.vae)
-    for module in modules:
-        module.to(target)
-    if offload:
-        session.device.empty_cache()
-
-
-def training_state(session: Session, next_step: int) -> dict:
-    return {
-        "step": next_step,
-        "seed": session.seed,
-        "total_steps": session.total_steps,
-        "groups": {
-            g.name: {"optimizer": g.optimizer.state_dict(), "scheduler": g.scheduler.state_dict()}
-            for g in session.groups
-        },
-        "unet_lora": lora_adapters.lora_state_dict(session.models.unet) if session.config.is_lora else None,
-        "unet_full": None if session.config.is_lora else {
-            k: v.detach().cpu() for k, v in session.models.unet.state_dict().items()
-        },
-        "te_lora": (
-            [lora_adapters.lora_state_dict(e) for e in session.models.text_encoders] if session.te_lora else None
-        ),
-        "token_rows": session.tokens.rows() if session.tokens else None,
-        "rng": {"cpu": cpu_rng_state(), "device": session.device.rng_state()},
-    }
-
-
-def restore(session: Session, state: dict) -> int:
-    if state["total_steps"] != session.total_steps:
-        raise ValueError(
-            f"the checkpoint was made for a run of {state['total_steps']} steps but this configuration gives "
-            f"{session.total_steps}; resume with the same max_train_steps / num_train_epochs and data"
-        )
-    if state["unet_lora"] is not None:
-        lora_adapters.load_lora_state_dict(session.models.unet, state["unet_lora"])
-    if state["unet_full"] is not None:
-        session.models.unet.load_state_dict(state["unet_full"])
-    if state["te_lora"] is not None:
-        for encoder, te_state in zip(session.models.text_encoders, state["te_lora"], strict=True):
-            lora_adapters.load_lora_state_dict(encoder, te_state)
-    if state["token_rows"] is not None and session.tokens is not None:
-        session.tokens.load_rows(state["token_rows"])
-    for group in session.groups:
-        saved = state["groups"].get(group.name)
-        if saved is None:
-            raise ValueError(f"the checkpoint has no state for the {group.name} optimiser: the settings differ")
-        group.optimizer.load_state_dict(saved["optimizer"])
-        group.scheduler.load_state_dict(saved["scheduler"])
-    set_cpu_rng_state(state["rng"]["cpu"])
-    session.device.set_rng_state(state["rng"]["device"])
-    logger.info("resumed at step %d of %d", state["step"], session.total_steps)
-    return state["step"]
