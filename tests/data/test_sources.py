@@ -62,7 +62,7 @@ def test_split_sources_errors(value, message):
 
 @pytest.mark.parametrize(
     ("source", "kind"),
-    [("https://h/x.zip", "http"), ("HTTP://h/x.zip", "http"), ("s3://b/k", "s3"), ("file:///tmp/x", "local"),
+    [("https://h/x.zip", "http"), ("HTTP://h/x.zip", "http"), ("s3://bucket/k", "s3"), ("file:///tmp/x", "local"),
      ("relative/folder", "local"), ("/abs/x.jpg", "local")],
 )
 def test_parse_source_kinds(source, kind):

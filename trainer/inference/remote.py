@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from trainer.inference.bundle import LoraBundle
 from trainer.utils.atomic import sweep_partials
 from trainer.utils.download import download, redact_url
+from trainer.utils.s3 import S3Uri, download_file, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ class BundleStore:
                 self._prune(keep=entry)
                 logger.info("downloading the LoRA %s", describe(url))
                 if scheme == "s3":
-                    from trainer.utils.s3 import S3Uri, download_file, s3_client
-
                     download_file(s3_client(self.s3_endpoint), S3Uri.parse(url, what="LoRA location"), archive,
                                   max_bytes=MAX_DOWNLOAD_BYTES)
                 else:

@@ -1,8 +1,9 @@
-"""S3 objects outside the training data: the zip uploaded to ``output_uri`` and LoRA zips read by ``s3://`` URL.
+"""The one S3 module: the ``s3://`` URI, the client, and the messages for failed calls, for every S3 user (training
+sources, the zip uploaded to ``output_uri``, LoRA zips read by ``s3://`` URL).
 
-The client here serves the training data's ``s3://`` sources too (:mod:`trainer.data.ingest.s3`):
-``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` point to an S3-compatible store, addressed path-style; credentials
-come from boto3's standard chain. Messages name buckets and keys, never credentials.
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (or a config's ``s3_endpoint_url``) point to an S3-compatible store,
+addressed path-style; credentials come from boto3's standard chain. Messages name buckets and keys, never credentials
+and never botocore's raw text (which can echo request details).
 """
 
 from __future__ import annotations
@@ -14,19 +15,44 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+)
+
 from trainer.utils.atomic import atomic_path
+from trainer.utils.download import redact_url
 
 logger = logging.getLogger(__name__)
 
 _ERROR_CODE = re.compile(r"An error occurred \((\w+)\)")
 #: S3's bucket naming rules (the strict, virtual-host-safe form every provider accepts).
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_ACCESS_CODES = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId": "the access key id is not known to this S3 endpoint",
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+    "InvalidToken": "the session token is not valid",
+    "ExpiredToken": "the session token has expired",
+    "TokenRefreshRequired": "the session token has expired",
+    "InvalidSecurity": "the credentials are not valid",
+}
+_SERVER_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "503", "500"}
 
 
 class UploadCancelled(Exception):
     """The upload was stopped on request; S3 keeps nothing of it."""
 
 
+# ============================================================================================== URIs
 @dataclass(frozen=True)
 class S3Uri:
     bucket: str
@@ -56,17 +82,15 @@ class S3Uri:
         return cls(bucket, key)
 
 
+# ============================================================================================== the client
 def endpoint_url(configured: str | None) -> str | None:
     return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def s3_client(endpoint: str | None = None, *, connect_timeout: float = 10.0, read_timeout: float = 60.0,
               retries: int = 3, unsigned: bool = False):
-    """A boto3 S3 client; ``unsigned`` reads public objects without credentials."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
+    """A boto3 S3 client; ``unsigned`` reads public objects without credentials. botocore retries throttling,
+    5xx answers and broken connections itself (its ``standard`` mode), ``retries`` times."""
     resolved = endpoint_url(endpoint)
     options: dict = {
         "connect_timeout": connect_timeout,
@@ -78,18 +102,25 @@ def s3_client(endpoint: str | None = None, *, connect_timeout: float = 10.0, rea
         options["s3"] = {"addressing_style": "path"}
     if unsigned:
         options["signature_version"] = UNSIGNED
-    return boto3.session.Session().client("s3", endpoint_url=resolved, config=Config(**options))
+    try:
+        return boto3.session.Session().client("s3", endpoint_url=resolved, config=Config(**options))
+    except ValueError as error:
+        raise ValueError(f"S3 endpoint {redact_url(resolved or '')!r} is not valid ({error})") from None
 
 
-def describe_error(error: BaseException, where: str) -> str:
-    """A message for a failed S3 call that says what to check."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
+# ============================================================================================== messages
+def describe_error(error: BaseException, where: str, *, unsigned: bool = False, endpoint: str | None = None) -> str:
+    """A message for a failed S3 call that says what to check. ``where`` starts it (``upload to s3://b/k``,
+    ``training source s3://b/k``); ``unsigned``: the call was made without credentials (none were found)."""
     if isinstance(error, NoCredentialsError):
         return (f"{where}: no AWS credentials were found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(or AWS_PROFILE) in the server's environment")
     if isinstance(error, EndpointConnectionError):
-        return f"{where}: could not connect to the S3 endpoint; check AWS_ENDPOINT_URL_S3 and the network"
+        shown = redact_url(endpoint) if endpoint else "(AWS)"
+        return (f"{where}: could not connect to the S3 endpoint {shown}; check s3_endpoint_url or "
+                "AWS_ENDPOINT_URL_S3 and the network")
+    if isinstance(error, ParamValidationError):
+        return f"{where}: not a valid bucket name or key"
     status = None
     if isinstance(error, ClientError):
         response = error.response or {}
@@ -102,13 +133,21 @@ def describe_error(error: BaseException, where: str) -> str:
         if found is None:
             return f"{where}: S3 request failed ({type(error).__name__})"
         code = found.group(1)
-    if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
+    if code == "NoSuchBucket":
+        return f"{where}: the bucket does not exist (check its name and the endpoint)"
+    if code in _CREDENTIAL_CODES:
+        return (f"{where}: S3 refused the credentials ({code}): {_CREDENTIAL_CODES[code]}; check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the S3 endpoint")
+    if code in _ACCESS_CODES or status == 403:
+        if unsigned:
+            return (f"{where}: access denied; no AWS credentials were found and the object is not public; set "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+        return (f"{where}: access denied; check that the server's credentials may read or write bucket "
+                f"{_bucket_of(where)} (s3:GetObject, s3:ListBucket, s3:PutObject)")
+    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
         return f"{where}: not found (check the bucket name, the key and the endpoint)"
-    if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
-        bucket = _bucket_of(where)
-        return f"{where}: access denied; check that the server's credentials may read or write bucket {bucket}"
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
-        return f"{where}: S3 refused the credentials ({code})"
+    if code in _SERVER_CODES or (status or 0) >= 500:
+        return f"{where}: the S3 service is failing (HTTP {status}); try again later"
     return f"{where}: S3 answered {code or 'an error'}" + (f" (HTTP {status})" if status else "")
 
 
@@ -117,19 +156,21 @@ def _bucket_of(where: str) -> str:
     return found.group(1) if found else "(see above)"
 
 
+def status_of(error: ClientError) -> int | None:
+    return (error.response or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+# ============================================================================================== operations
 def check_bucket(client, uri: S3Uri, what: str) -> None:
     """Fail early when the bucket is missing, the endpoint unreachable or credentials absent.
 
     Write-only credentials may not list the bucket (403): that is logged, not refused, since the upload may still
     be allowed.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         client.head_bucket(Bucket=uri.bucket)
     except ClientError as error:
-        status = (error.response or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status == 403:
+        if status_of(error) == 403:
             logger.warning("%s: cannot check s3://%s (access denied to HeadBucket); trying the upload anyway",
                            what, uri.bucket)
             return
@@ -145,9 +186,6 @@ def upload_file(client, path: Path, uri: S3Uri, *, should_stop: Callable[[], boo
     A single PUT creates nothing until it completes, and an interrupted multipart upload is aborted by the
     transfer manager, so either the whole object exists or none.
     """
-    from boto3.exceptions import S3UploadFailedError
-    from boto3.s3.transfer import TransferConfig
-    from botocore.exceptions import BotoCoreError, ClientError
 
     def progress(_sent: int) -> None:
         if should_stop is not None and should_stop():
@@ -172,8 +210,6 @@ def delete_object(client, uri: S3Uri) -> None:
 
 def download_file(client, uri: S3Uri, target: Path, max_bytes: int | None = None) -> Path:
     """Download one object atomically (the file appears only when complete)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         head = client.head_object(Bucket=uri.bucket, Key=uri.key)
         size = int(head.get("ContentLength") or 0)

@@ -18,7 +18,7 @@ from trainer.data.ingest.archives import ExtractContext, extract_archive, has_ar
 from trainer.data.ingest.budget import ByteBudget
 from trainer.data.ingest.http import fetch_http
 from trainer.data.ingest.local import resolve_local
-from trainer.data.ingest.s3 import S3Fetcher, S3Location
+from trainer.data.ingest.s3 import S3Fetcher
 from trainer.data.ingest.safety import printable
 from trainer.data.ingest.sniff import ARCHIVE_KINDS, UNSUPPORTED_ARCHIVES, read_head, sniff
 from trainer.data.ingest.sources import SourceRef, parse_source
@@ -133,12 +133,10 @@ class _Collector:
 
 
 def check_sources(refs: list[SourceRef], allow_local: bool) -> None:
-    """Fail on refused local paths and malformed S3 URLs before anything is downloaded."""
+    """Fail on refused local paths before anything is downloaded (malformed S3 URIs fail in ``parse_source``)."""
     for ref in refs:
         if ref.kind == "local":
             resolve_local(ref, allow_local)
-        elif ref.kind == "s3":
-            S3Location.parse(ref.value)
 
 
 def ingest_sources(sources: list[str], scratch: Path, *, limits: DataLimits, report: PrepReport,

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 from trainer.data.errors import SourceError
 from trainer.utils.download import redact_url
+from trainer.utils.s3 import S3Uri
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 SUPPORTED = "http://, https://, s3:// or a local path"
@@ -79,6 +80,7 @@ def parse_source(text: str) -> SourceRef:
             raise SourceError(f"training source {redact_url(text)!r}: the URL has no host name")
         return SourceRef("http", text, redact_url(text))
     if scheme == "s3":
+        parse_s3_source(text)
         return SourceRef("s3", text, redact_url(text))
     if scheme == "file":
         parts = urlsplit(text)
@@ -88,3 +90,11 @@ def parse_source(text: str) -> SourceRef:
     raise SourceError(
         f"training source {redact_url(text)!r}: unsupported scheme '{scheme}://'; give {SUPPORTED}"
     )
+
+
+def parse_s3_source(text: str) -> S3Uri:
+    """An ``s3://`` source by the one S3 URI rule (:class:`~trainer.utils.s3.S3Uri`), or a :class:`SourceError`."""
+    try:
+        return S3Uri.parse(text, what=f"training source {redact_url(text)!r}")
+    except ValueError as error:
+        raise SourceError(str(error)) from None
