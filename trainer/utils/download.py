@@ -37,7 +37,10 @@ from email.message import Message
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
+from urllib3.exceptions import InvalidHeader, MaxRetryError
+
 from trainer.utils.atomic import atomic_path, write_error
+from trainer.utils.retry import RETRY_STATUSES, http_retry
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,6 @@ DEFAULT_DEADLINE = 3600.0
 DEFAULT_MAX_BYTES = 4 << 30
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
-#: Longest wait honoured from a server's Retry-After header.
-MAX_RETRY_AFTER = 60.0
 #: How often the watchdog looks at the deadline and the stop signal.
 WATCH_SECONDS = 0.1
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -78,7 +79,7 @@ class DownloadCancelled(Exception):
 class _Transient(Exception):
     """A failure worth retrying: connection trouble, a timeout, HTTP 429 or 5xx."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
@@ -356,34 +357,37 @@ def fetch(url: str, choose_target: Callable[[str | None], Path], *, max_bytes: i
           progress: bool = False, deadline: float | None = None) -> Downloaded:
     """Download ``url`` to the path that ``choose_target(suggested_name)`` returns, once the answer is known.
 
-    The file appears atomically and only when complete. Retries connection errors, timeouts and HTTP 429/5xx with
-    exponential backoff (or the server's Retry-After, up to a minute), all within ``deadline`` seconds (default:
+    The file appears atomically and only when complete. Retries connection errors, timeouts and HTTP 429/5xx by
+    the one retry policy (:mod:`trainer.utils.retry`), all within ``deadline`` seconds (default:
     ``TRAINER_DOWNLOAD_DEADLINE``, one hour).
     """
     shown = redact_url(url)
     limit = deadline if deadline is not None else download_deadline()
     ends_at = time.monotonic() + limit
     allowed = allowed_destinations()
-    last_error: _Transient | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            assert last_error is not None
-            delay = backoff * (2 ** (attempt - 1))
-            if last_error.retry_after is not None:
-                delay = max(delay, min(last_error.retry_after, MAX_RETRY_AFTER))
-            if time.monotonic() + delay > ends_at:
-                break
-            logger.warning("retrying %s in %.1fs (%s)", shown, delay, last_error)
-            _sleep(delay)
+    policy = http_retry(retries, backoff)
+    attempts = 0
+    while True:
         if _stopped():
             raise DownloadCancelled(f"{shown}: the download was cancelled")
+        attempts += 1
         try:
             return _attempt(url, shown, choose_target, max_bytes, timeout, progress, ends_at, limit, allowed)
         except _Transient as error:
             last_error = error
-    if last_error is None:  # pragma: no cover - retries >= 0 always makes one attempt
-        raise DownloadError(f"{shown}: no attempt was made")
-    raise DownloadError(f"{last_error} (gave up after {attempt + 1} attempts)")
+        try:
+            policy = policy.increment(method="GET", url=shown, error=last_error)
+        except MaxRetryError:
+            break
+        delay = policy.get_backoff_time()
+        if last_error.retry_after is not None:
+            with contextlib.suppress(InvalidHeader):  # an unreadable Retry-After leaves the backoff
+                delay = max(delay, policy.parse_retry_after(last_error.retry_after))
+        if time.monotonic() + delay > ends_at:
+            break
+        logger.warning("retrying %s in %.1fs (%s)", shown, delay, last_error)
+        _sleep(delay)
+    raise DownloadError(f"{last_error} (gave up after {attempts} attempts)")
 
 
 def _sleep(seconds: float) -> None:
@@ -401,7 +405,7 @@ def _attempt(url: str, shown: str, choose_target: Callable[[str | None], Path], 
         response, connection, final_url = _open(url, shown, timeout, watchdog, allowed)
         with contextlib.closing(connection), contextlib.closing(response):
             status = response.status
-            if status == 429 or status >= 500:
+            if status in RETRY_STATUSES:
                 raise _Transient(f"{shown}: server answered HTTP {status}", _retry_after(response))
             if status >= 400 or status in _REDIRECTS:
                 raise DownloadError(f"{shown}: server answered HTTP {status}{_status_hint(status)}")
@@ -501,12 +505,8 @@ def _status_hint(status: int) -> str:
     return ""
 
 
-def _retry_after(response: http.client.HTTPResponse) -> float | None:
-    value = response.getheader("Retry-After") or ""
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
+def _retry_after(response: http.client.HTTPResponse) -> str | None:
+    return (response.getheader("Retry-After") or "").strip() or None
 
 
 def _suggested_name(disposition: str | None, url: str) -> str | None:

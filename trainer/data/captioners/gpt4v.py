@@ -16,16 +16,19 @@ import json
 import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
+import requests
 from PIL import Image
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
 from trainer.data.captioners.base import Captioner
 from trainer.data.captions import contains_trigger
 from trainer.data.errors import DataError
 from trainer.data.limits import DataLimits
 from trainer.utils.download import redact_url
+from trainer.utils.retry import RETRY_STATUSES, http_retry
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ class OpenAIClient:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.limits = limits
+        self._session = requests.Session()
+        # The one retry policy; a chat completion is retried although it is a POST (it changes nothing remotely).
+        retry = http_retry(limits.http_retries, limits.http_backoff, methods=("POST",))
+        self._session.mount("http://", HTTPAdapter(max_retries=retry))
+        self._session.mount("https://", HTTPAdapter(max_retries=retry))
 
     @classmethod
     def from_environment(cls, model: str | None, limits: DataLimits) -> OpenAIClient:
@@ -75,38 +83,26 @@ class OpenAIClient:
         return cls(key, base, model or DEFAULT_MODEL, limits)
 
     def chat(self, messages: list[dict], max_tokens: int, what: str) -> str:
-        """One chat completion; retries 429, 5xx, timeouts and connection errors with backoff."""
-        import requests
-
+        """One chat completion; 429, 5xx, timeouts and connection errors are retried by the one retry policy."""
         url = f"{self.base_url}/chat/completions"
         shown = redact_url(url)
         payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.2}
         headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
-        last = ""
-        for attempt in range(self.limits.http_retries + 1):
-            if attempt:
-                time.sleep(self.limits.http_backoff * 2 ** (attempt - 1))
-            try:
-                response = requests.post(url, json=payload, headers=headers, timeout=self.limits.http_timeout)
-            except requests.exceptions.Timeout:
-                last = "timed out"
-                continue
-            except requests.exceptions.RequestException as error:
-                last = f"could not connect ({type(error).__name__})"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                last = f"HTTP {response.status_code}"
-                retry_after = response.headers.get("Retry-After", "")
-                if retry_after.replace(".", "", 1).isdigit():
-                    time.sleep(min(float(retry_after), 60.0))
-                continue
-            if response.status_code >= 400:
-                raise self._refusal(response, shown, what)
-            return self._content(response, shown, what)
-        raise OpenAIError(
-            f"captioning {what}: the OpenAI API at {shown} failed ({last}) after "
-            f"{self.limits.http_retries + 1} attempts; try again later or choose another caption_model"
-        )
+        attempts = self.limits.http_retries + 1
+        try:
+            response = self._session.post(url, json=payload, headers=headers, timeout=self.limits.http_timeout)
+        except requests.exceptions.RequestException as error:
+            failure = "timed out" if _timed_out(error) else f"could not connect ({type(error).__name__})"
+            raise self._gave_up(shown, what, failure, attempts) from None
+        if response.status_code in RETRY_STATUSES:
+            raise self._gave_up(shown, what, f"HTTP {response.status_code}", attempts)
+        if response.status_code >= 400:
+            raise self._refusal(response, shown, what)
+        return self._content(response, shown, what)
+
+    def _gave_up(self, shown: str, what: str, failure: str, attempts: int) -> OpenAIError:
+        return OpenAIError(f"captioning {what}: the OpenAI API at {shown} failed ({failure}) after {attempts} "
+                           "attempts; try again later or choose another caption_model")
 
     def _refusal(self, response, shown: str, what: str) -> OpenAIError:
         status = response.status_code
@@ -134,6 +130,13 @@ class OpenAIClient:
         if isinstance(content, list):  # content parts
             content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
         return str(content or "")
+
+
+def _timed_out(error: requests.exceptions.RequestException) -> bool:
+    if isinstance(error, requests.exceptions.Timeout):
+        return True
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return isinstance(reason, (ConnectTimeoutError, ReadTimeoutError))
 
 
 def image_data_url(image: Image.Image, max_side: int = 512) -> str:
