@@ -102,25 +102,36 @@ def test_generators_are_reproducible_on_the_device():
 
 
 def test_ipex_is_optional():
-    model = torch.nn.Linear(2, 2)
-    # Without the extension installed, optimisation is a no-op that returns the inputs.
-    assert dev.ipex_optimize(model) is model
+    # Without the extension installed, it is simply absent: nothing requires it.
+    assert dev.intel_extension() is None
+
+
+#: How code names a backend: a string literal, or torch's module of it.
+BACKEND_SPELLINGS = [f"{quote}{name}" for name in ("cuda", "xpu", "mps") for quote in ("\"", "'")] + [
+    "torch.cuda", "torch.xpu", "torch.mps", "backends.mps"]
 
 
 def test_no_other_module_names_a_backend():
-    """Only trainer/device.py may spell out the CUDA backend name."""
+    """Only trainer/device.py may spell out the backend names (cuda, xpu, mps)."""
     from pathlib import Path
 
     root = Path(dev.__file__).resolve().parent
     offenders = []
-    for path in root.rglob("*.py"):
-        if path.name == "device.py" and path.parent == root:
+    for path in [*root.rglob("*.py"), root.parent / "train.py", root.parent / "predict.py"]:
+        if path == root / "device.py" or not path.is_file():
             continue
         text = path.read_text(encoding="utf-8")
-        if '"cuda' in text or "'cuda" in text or "torch.cuda" in text:
-            offenders.append(str(path.relative_to(root)))
-    for top in ("train.py", "predict.py"):
-        path = root.parent / top
-        if path.is_file() and ('"cuda' in path.read_text() or "torch.cuda" in path.read_text()):
-            offenders.append(top)
+        found = [spelling for spelling in BACKEND_SPELLINGS if spelling in text]
+        if found:
+            offenders.append(f"{path.relative_to(root.parent)}: {found}")
     assert not offenders, f"backend names outside trainer/device.py: {offenders}"
+
+
+def test_the_backend_table_covers_every_backend():
+    assert set(dev.BACKEND_TABLE) == set(dev.BACKENDS)
+    cpu = dev.DeviceInfo(torch.device("cpu"), torch.float32)
+    assert cpu.rng_state() == {} and not cpu.supports_compile and not cpu.prefers_channels_last
+    cpu.synchronize()
+    cpu.empty_cache()
+    cpu.reset_peak_memory()
+    assert cpu.describe() == "cpu, fp32"

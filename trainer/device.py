@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -50,24 +53,77 @@ def mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
-def _bf16_supported(backend: str) -> bool:
-    if backend == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if backend == "xpu":
+def _availability(backend: str) -> tuple[Callable[[], bool], Callable[[], int]]:
+    # Looked up at call time: tests fake a backend by patching the functions above.
+    checks = {"cuda": ("cuda_available", "cuda_device_count"), "xpu": ("xpu_available", "xpu_device_count")}[backend]
+    return (lambda: globals()[checks[0]]()), (lambda: globals()[checks[1]]())
+
+
+#: The numbered GPU backends in the order ``auto`` tries them, with their availability checks.
+_NUMBERED = {name: _availability(name) for name in ("cuda", "xpu")}
+
+
+def _mps_bf16() -> bool:
+    # bf16 on MPS needs macOS 14; torch reports it through a failing allocation on older systems.
+    try:
+        torch.zeros(1, dtype=torch.bfloat16, device="mps")
         return True
-    if backend == "mps":
-        # bf16 on MPS needs macOS 14; torch reports it through a failing allocation on older systems.
-        try:
-            torch.zeros(1, dtype=torch.bfloat16, device="mps")
-            return True
-        except (RuntimeError, TypeError):
-            return False
-    return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _bf16_supported(backend: str) -> bool:
+    return BACKEND_TABLE[backend].bf16()
 
 
 def _fp16_supported(backend: str) -> bool:
-    # CPU kernels for fp16 training are incomplete and slow; the other backends have them.
-    return backend != "cpu"
+    return BACKEND_TABLE[backend].fp16
+
+
+# ------------------------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Backend:
+    """What differs between backends, in one row each: the rest of this module reads the table."""
+
+    module: str | None
+    """The ``torch`` submodule of its runtime functions (``torch.cuda``, ``torch.xpu``, ``torch.mps``)."""
+    numbered: bool = False
+    """Devices are numbered (``cuda:1``) and the runtime functions take the device."""
+    tracks_peak: bool = False
+    """``max_memory_allocated`` and ``reset_peak_memory_stats`` exist."""
+    fp16: bool = True
+    """fp16 kernels for training exist (the CPU's are incomplete and slow)."""
+    bf16: Callable[[], bool] = lambda: True
+    """Whether this machine's device of the backend computes in bf16."""
+    fused_adamw: bool = True
+    bitsandbytes: bool = False
+    compiles: bool = False
+    """torch.compile pays off (Triton kernels)."""
+    channels_last: bool = False
+    """NHWC convolutions are faster (cuDNN and oneDNN on GPUs)."""
+    cpu_generator: bool = False
+    """Random draws for this device are made on the CPU (MPS generators are not reproducible across versions)."""
+    label: str = ""
+    """How messages name its devices (``2 XPU device(s)``)."""
+    missing: str = ""
+    """How messages say it is missing."""
+    install_hint: str = ""
+    """What to do when the backend is requested but missing."""
+
+
+BACKEND_TABLE: dict[str, Backend] = {
+    "cuda": Backend("cuda", numbered=True, bf16=lambda: torch.cuda.is_bf16_supported(), tracks_peak=True,
+                    bitsandbytes=True, compiles=True, channels_last=True,
+                    label="CUDA", missing="CUDA is not available",
+                    install_hint="use device 'auto' or 'cpu', or install the CUDA build (requirements-cuda.txt)"),
+    "xpu": Backend("xpu", numbered=True, tracks_peak=True, compiles=True, channels_last=True,
+                   label="XPU", missing="no Intel XPU is available",
+                   install_hint="install the XPU build (requirements-xpu.txt), check the GPU driver (Level Zero) and, "
+                                "in a container, pass --device /dev/dri; or use device 'auto' or 'cpu'"),
+    "mps": Backend("mps", bf16=_mps_bf16, cpu_generator=True, label="MPS",
+                   missing="Apple MPS is not available on this machine"),
+    "cpu": Backend(None, fp16=False),
+}
 
 
 # ------------------------------------------------------------------------------------------------- the device
@@ -82,6 +138,17 @@ class DeviceInfo:
         return self.device.type
 
     @property
+    def traits(self) -> Backend:
+        return BACKEND_TABLE[self.backend]
+
+    @property
+    def _runtime(self) -> Any:
+        return getattr(torch, self.traits.module) if self.traits.module else None
+
+    def _device_args(self) -> tuple:
+        return (self.device,) if self.traits.numbered else ()
+
+    @property
     def uses_autocast(self) -> bool:
         return self.dtype != torch.float32
 
@@ -92,85 +159,63 @@ class DeviceInfo:
         return torch.autocast(device_type=self.backend, dtype=self.dtype)
 
     def synchronize(self) -> None:
-        if self.backend == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.backend == "xpu":
-            torch.xpu.synchronize(self.device)
-        elif self.backend == "mps":
-            torch.mps.synchronize()
+        if self._runtime is not None:
+            self._runtime.synchronize(*self._device_args())
 
     def empty_cache(self) -> None:
-        if self.backend == "cuda":
-            torch.cuda.empty_cache()
-        elif self.backend == "xpu":
-            torch.xpu.empty_cache()
-        elif self.backend == "mps":
-            torch.mps.empty_cache()
+        if self._runtime is not None:
+            self._runtime.empty_cache()
 
     def reset_peak_memory(self) -> None:
-        if self.backend == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.backend == "xpu":
-            torch.xpu.reset_peak_memory_stats(self.device)
+        if self.traits.tracks_peak:
+            self._runtime.reset_peak_memory_stats(self.device)
 
     def peak_memory_bytes(self) -> int | None:
-        """Peak allocated device memory since the last reset, or None where the backend does not track it."""
-        if self.backend == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        if self.backend == "xpu":
-            return torch.xpu.max_memory_allocated(self.device)
-        if self.backend == "mps":
-            return torch.mps.driver_allocated_memory()
+        """Peak allocated device memory since the last reset, or None where the backend does not track it (MPS
+        reports what its driver holds now instead)."""
+        if self.traits.tracks_peak:
+            return self._runtime.max_memory_allocated(self.device)
+        if self._runtime is not None and hasattr(self._runtime, "driver_allocated_memory"):
+            return self._runtime.driver_allocated_memory()
         return None
 
     def generator(self, seed: int) -> torch.Generator:
         """A generator on this device: random draws happen where the tensors live, with no host copy."""
-        gen = torch.Generator(device=self.device if self.backend != "mps" else "cpu")
+        gen = torch.Generator(device="cpu" if self.traits.cpu_generator else self.device)
         gen.manual_seed(seed)
         return gen
 
     def rng_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        if self.backend == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        elif self.backend == "xpu":
-            state["xpu"] = torch.xpu.get_rng_state_all()
-        return state
+        if not self.traits.numbered:
+            return {}
+        return {self.backend: self._runtime.get_rng_state_all()}
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
-        if self.backend == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        elif self.backend == "xpu" and "xpu" in state:
-            torch.xpu.set_rng_state_all(state["xpu"])
+        if self.traits.numbered and self.backend in state:
+            self._runtime.set_rng_state_all(state[self.backend])
 
     @property
     def supports_fused_adamw(self) -> bool:
-        return self.backend in ("cuda", "xpu", "mps", "cpu")
+        return self.traits.fused_adamw
 
     @property
     def supports_bitsandbytes(self) -> bool:
-        return self.backend == "cuda"
+        return self.traits.bitsandbytes
 
     @property
     def supports_compile(self) -> bool:
         """torch.compile pays off (Triton kernels) on CUDA and XPU."""
-        return self.backend in ("cuda", "xpu")
+        return self.traits.compiles
 
     @property
     def prefers_channels_last(self) -> bool:
         """NHWC convolutions are faster with cuDNN and oneDNN on GPUs; on CPU and MPS they are not."""
-        return self.backend in ("cuda", "xpu")
-
-    @property
-    def pin_memory(self) -> bool:
-        return self.backend == "cuda"
+        return self.traits.channels_last
 
     def describe(self) -> str:
         name = self.backend
-        if self.backend == "cuda":
-            name = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        elif self.backend == "xpu":
-            name = f"{self.device} ({torch.xpu.get_device_name(self.device)})"
+        if self.traits.numbered:
+            name = f"{self.device} ({self._runtime.get_device_name(self.device)})"
         return f"{name}, {DTYPE_NAMES[self.dtype]}"
 
 
@@ -195,8 +240,7 @@ def is_missing_numbered_gpu(spec: object) -> bool:
         backend, index = parse_device(spec)
     except DeviceError:
         return False
-    counts = {"cuda": cuda_device_count, "xpu": xpu_device_count}
-    return index is not None and backend in counts and index >= counts[backend]()
+    return index is not None and backend in _NUMBERED and index >= _NUMBERED[backend][1]()
 
 
 def select_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -210,40 +254,30 @@ def select_device(spec: str = "auto", local_rank: int | None = None) -> torch.de
     if backend == "auto":
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
             return torch.device("cpu")
-        if cuda_available():
-            return select_device(f"cuda:{index or 0}")
-        if xpu_available():
-            return select_device(f"xpu:{index or 0}")
+        for name, (available, _count) in _NUMBERED.items():
+            if available():
+                return select_device(f"{name}:{index or 0}")
         if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if backend == "cpu":
         return torch.device("cpu")
-    if backend == "cuda":
-        if not cuda_available():
-            raise DeviceError(
-                f"device {spec!r} was requested but CUDA is not available (torch {torch.__version__}, "
-                f"built with CUDA {torch.version.cuda}); use device 'auto' or 'cpu', or install the CUDA build "
-                "(requirements-cuda.txt)"
-            )
-        count = cuda_device_count()
-        if (index or 0) >= count:
-            raise DeviceError(f"device {spec!r} was requested but only {count} CUDA device(s) exist")
-        return torch.device("cuda", index or 0)
-    if backend == "xpu":
-        if not xpu_available():
-            raise DeviceError(
-                f"device {spec!r} was requested but no Intel XPU is available (torch {torch.__version__}); "
-                "install the XPU build (requirements-xpu.txt), check the GPU driver (Level Zero) and, in a container, "
-                "pass --device /dev/dri; or use device 'auto' or 'cpu'"
-            )
-        count = xpu_device_count()
-        if (index or 0) >= count:
-            raise DeviceError(f"device {spec!r} was requested but only {count} XPU device(s) exist")
-        return torch.device("xpu", index or 0)
-    if not mps_available():
-        raise DeviceError(f"device {spec!r} was requested but Apple MPS is not available on this machine")
-    return torch.device("mps")
+    traits = BACKEND_TABLE[backend]
+    if backend == "mps":
+        if not mps_available():
+            raise DeviceError(f"device {spec!r} was requested but {traits.missing}")
+        return torch.device("mps")
+    available, count = _NUMBERED[backend]
+    if not available():
+        raise DeviceError(f"device {spec!r} was requested but {traits.missing} (torch {torch.__version__}"
+                          f"{_build_of(backend)}); {traits.install_hint}")
+    if (index or 0) >= count():
+        raise DeviceError(f"device {spec!r} was requested but only {count()} {traits.label} device(s) exist")
+    return torch.device(backend, index or 0)
+
+
+def _build_of(backend: str) -> str:
+    return f", built with CUDA {torch.version.cuda}" if backend == "cuda" else ""
 
 
 def resolve_dtype(backend: str, weight_type: str) -> torch.dtype:
@@ -272,17 +306,18 @@ def setup_device(spec: str = "auto", weight_type: str = "bf16", allow_tf32: bool
         torch.cuda.set_device(device)
     torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
     if device.type == "xpu":
-        _import_ipex()
+        intel_extension()
     info = DeviceInfo(device=device, dtype=dtype)
     logger.info("device: %s", info.describe())
     return info
 
 
-_IPEX = None
+_IPEX: Any = None
 
 
-def _import_ipex():
-    """Intel Extension for PyTorch is optional (end of life after 2.8): use it only where it imports."""
+def intel_extension() -> Any:
+    """Intel Extension for PyTorch, imported once where present, else None. It is optional (end of life after 2.8):
+    importing it registers its XPU kernels; nothing else here needs it."""
     global _IPEX
     if _IPEX is None:
         try:
@@ -294,27 +329,11 @@ def _import_ipex():
     return _IPEX or None
 
 
-def ipex_optimize(model: torch.nn.Module, optimizer=None, dtype: torch.dtype | None = None):
-    """Apply ``ipex.optimize`` on XPU when the extension imports; otherwise return the inputs unchanged."""
-    ipex = _import_ipex()
-    if ipex is None:
-        return (model, optimizer) if optimizer is not None else model
-    return ipex.optimize(model, optimizer=optimizer, dtype=dtype)
-
-
 def cpu_rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def set_cpu_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
