@@ -19,11 +19,14 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
-from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, unwrap_inputs
+from trainer.serving.common import unwrap_inputs
+from trainer.utils.env import ENV_ALLOW_LOCAL, env_flag
 
 
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
+        # The model stack is imported here, in the worker's set-up: cog also imports this file only to read the
+        # signature below (the schema), which needs none of it.
         from trainer.inference.service import PredictionService
         from trainer.utils.logs import setup_logging
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 from cog import BaseModel, Input, Path
 
+from trainer.serving.common import declared_defaults
 from trainer.serving.train_job import run_training_job
 
 
@@ -115,8 +116,6 @@ def train(
 
 
 def _defaults() -> dict:
-    from trainer.serving.common import declared_defaults
-
     return declared_defaults(train)
 
 

@@ -138,8 +138,8 @@ def test_the_readme_documents_the_trust_boundary_and_every_operator_variable():
     from trainer.models.loading import ENV_MAX_MODEL_BYTES
     from trainer.models.refiner import ENV_REFINER
     from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT
-    from trainer.serving.common import ENV_ALLOW_LOCAL
     from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS, ENV_DOWNLOAD_DEADLINE
+    from trainer.utils.env import ENV_ALLOW_LOCAL
 
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     security = text[text.index("## Security"):text.index("## Troubleshooting")]

@@ -22,9 +22,9 @@ from PIL import Image
 import predict
 from trainer.inference import remote
 from trainer.inference.service import PredictionInputs
-from trainer.serving.common import ENV_ALLOW_LOCAL
 from trainer.tooling.cog_client import FileServer
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
+from trainer.utils.env import ENV_ALLOW_LOCAL
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 11, "output_format": "png"}
 

@@ -118,6 +118,7 @@ def test_a_cancel_that_lands_after_the_put_completed_still_removes_the_object(cl
                                                                              s3_server):
     """The issue's race: the upload's bytes reached S3, then the cancellation arrived. The key is recorded before the
     upload starts, so the clean-up deletes what landed."""
+    from trainer.serving import train_job
     from trainer.training.errors import TrainingCancelled
     from trainer.utils import s3 as s3_module
 
@@ -134,7 +135,7 @@ def test_a_cancel_that_lands_after_the_put_completed_still_removes_the_object(cl
         job.stop.set()
         raise UploadCancelled("cancelled while the PUT completed")  # ...and the cancellation is seen just after
 
-    monkeypatch.setattr(s3_module, "upload_file", upload_then_cancel)
+    monkeypatch.setattr(train_job, "upload_file", upload_then_cancel)
     with pytest.raises(TrainingCancelled):
         job._upload()
     assert client.get_object(Bucket=bucket, Key="loras/late.zip")["Body"].read().startswith(b"PK")

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 import train as train_module
-from trainer.config import TrainingConfig
-from trainer.config.schema import field_bounds
+from trainer.config.schema import TrainingConfig, field_bounds
 from trainer.serving import train_job
-from trainer.serving.common import ENV_ALLOW_LOCAL, ENV_WORK_DIR, declared_defaults, unwrap_inputs
+from trainer.serving.common import declared_defaults, unwrap_inputs
 from trainer.serving.train_job import format_duration, object_key, parse_training_request, progress_line
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
+from trainer.utils.env import ENV_ALLOW_LOCAL, ENV_WORK_DIR
 from trainer.utils.s3 import S3Uri
 
 URL = "https://example.com/photos.zip"
@@ -83,7 +83,7 @@ def test_direct_call_uses_the_declared_defaults():
     request = _request(lora_training_urls=URL, concept_mode="face")
     config = request.config
     assert config.concept_mode == "face" and config.max_train_steps == 300 and config.caption_model == "florence"
-    assert config.name == "photos.zip" and config.sd_model_version is None  # Eden: the name comes from the URL
+    assert config.run_name == "photos.zip" and config.sd_model_version is None  # Eden: the name comes from the URL
     assert request.destination is None and request.allow_local_sources is False
     assert unwrap_inputs({"x": inspect.signature(train_module.train).parameters["lora_rank"].default}) == {"x": 16}
 
@@ -100,7 +100,8 @@ def test_training_args_set_any_other_key_and_pasted_files_work():
               "lora_training_urls": URL, "concept_mode": "object", "max_train_steps": 50}
     config = _request(training_args=json.dumps(pasted)).config
     assert config.lora_alpha_multiplier == 2.0 and config.max_train_steps == 50 and config.concept_mode == "object"
-    assert config.output_dir == "eden_lora_training_runs" and config.start_time == 0.0  # owned by the service
+    assert config.output_dir == "eden_lora_training_runs"  # owned by the service
+    assert "start_time" not in config.model_dump()  # the run's bookkeeping, not a setting
 
 
 @pytest.mark.parametrize(
@@ -144,7 +145,7 @@ def test_every_call_edens_cog_model_accepts_is_accepted():
                  "sample_imgs_lora_scale": None, "seed": None}
     assert set(eden_call) <= set(inspect.signature(train_module.train).parameters)
     config = _request(**eden_call).config
-    assert (config.name, config.concept_mode, config.validation_img_size) == ("unnamed", "style", 1024)
+    assert (config.run_name, config.concept_mode, config.validation_img_size) == ("unnamed", "style", 1024)
     # Values Eden takes without complaint: a resolution that is not a multiple of 64, face mode, sd15.
     odd = _request(**{**eden_call, "resolution": 600, "concept_mode": "face", "sd_model_version": "sd15"}).config
     assert (odd.resolution, odd.concept_mode, odd.sd_model_version) == (600, "face", "sd15")

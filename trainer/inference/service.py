@@ -26,10 +26,16 @@ from typing import Literal, Optional
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer.device import select_device
 from trainer.inference.bundle import LoraBundle
 from trainer.inference.generator import REFINE_MODES, SCHEDULERS, GenerationRequest, Generator
+from trainer.inference.inputs import fetch_input, open_input_image, open_mask, output_size
 from trainer.inference.remote import BundleStore, describe
+from trainer.inference.safety import ENV_DISABLE_SAFETY_CHECKER, SafetyChecker, safety_checker_location
+from trainer.inference.watermark import Watermarker
+from trainer.models.loading import model_cache_dir, resolve_source, sweep_downloads
 from trainer.utils.download import redact_text
+from trainer.utils.env import ENV_ALLOW_LOCAL, env_flag, work_root
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +128,6 @@ class PredictionResult:
 
 def default_weight_type(generator_device: str) -> str:
     """bf16 on accelerators (SDXL's VAE overflows in fp16), fp32 on the CPU (bf16 is slow there)."""
-    from trainer.device import select_device
-
     return "fp32" if select_device(generator_device).type == "cpu" else "bf16"
 
 
@@ -146,14 +150,9 @@ class PredictionService:
         """Load the base model (and the ``weights`` LoRA, a URL or a local zip or folder) and the safety checker
         once, at set-up. ``refiner`` (else ``TRAINER_SDXL_REFINER``) and ``safety_checker`` (else
         ``TRAINER_SAFETY_CHECKER``) name those models; the refiner loads on first use."""
-        from trainer.inference.safety import ENV_DISABLE_SAFETY_CHECKER, SafetyChecker, safety_checker_location
-        from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, work_root
-
         device = device or os.environ.get(ENV_DEVICE, "auto")
         weight_type = weight_type or os.environ.get(ENV_WEIGHT_TYPE) or default_weight_type(device)
         root = Path(root or os.environ.get(ENV_PREDICT_DIR) or work_root() / "predict")
-        from trainer.models.loading import model_cache_dir, sweep_downloads
-
         sweep_downloads(model_cache_dir())
         generator = Generator(device=device, weight_type=weight_type, refiner=refiner)
         # What a LoRA's training_args.json names is the request's choice: local base models only if the operator says.
@@ -238,8 +237,6 @@ class PredictionService:
         return 1.0
 
     def _images(self, inputs: PredictionInputs, folder: Path, allow_local: bool):
-        from trainer.inference.inputs import fetch_input, open_input_image, open_mask
-
         if inputs.image is None:
             return None, None
         image = open_input_image(fetch_input(inputs.image, "image", folder, allow_local=allow_local), "image")
@@ -251,8 +248,6 @@ class PredictionService:
     def _size(self, inputs: PredictionInputs, image: Image.Image | None = None) -> tuple[int, int]:
         """With an image: its size (scaled down to the side limit) unless given. Without: missing sides default to
         the base model's native size (1024 for SDXL, 512 for SD1.5)."""
-        from trainer.inference.inputs import output_size
-
         if image is not None:
             return output_size(image.size, inputs.width, inputs.height, max_side=MAX_SIDE)
         pipe = self.generator.pipeline
@@ -261,8 +256,6 @@ class PredictionService:
         return inputs.width or native, inputs.height or native
 
     def _watermarker(self, version: str):
-        from trainer.inference.watermark import Watermarker
-
         if version not in self._watermarkers:
             self._watermarkers[version] = Watermarker(version)
         return self._watermarkers[version]
@@ -298,6 +291,4 @@ class PredictionService:
 
 def _default_base(generator: Generator):
     """The default SDXL base model (``TRAINER_SDXL_MODEL`` overrides it), for requests without a LoRA."""
-    from trainer.models.loading import resolve_source
-
     return resolve_source(None, None, "sdxl", generator.cache_dir)

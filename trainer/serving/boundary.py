@@ -23,7 +23,7 @@ from typing import Any
 
 from trainer.models.loading import is_hub_id
 from trainer.models.tiny import TINY_NAMES
-from trainer.serving.common import ENV_ALLOW_LOCAL
+from trainer.utils.env import ENV_ALLOW_LOCAL
 
 #: Lets a request set ``s3_endpoint_url`` (the server's AWS credentials then sign requests to it).
 ENV_ALLOW_REQUEST_S3_ENDPOINT = "TRAINER_ALLOW_REQUEST_S3_ENDPOINT"

@@ -1,27 +1,10 @@
-"""What both cog entry points share: cog's input placeholders, the operator's switches, the work folder."""
+"""What both cog entry points share: cog's input placeholders and the defaults their signatures declare."""
 
 from __future__ import annotations
 
 import inspect
-import os
-import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
-
-#: Lets API requests name local files (training sources, LoRA zips). Off: the server faces remote callers.
-ENV_ALLOW_LOCAL = "TRAINER_ALLOW_LOCAL_SOURCES"
-#: Where jobs run and outputs wait for delivery.
-ENV_WORK_DIR = "TRAINER_WORK_DIR"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def work_root() -> Path:
-    configured = os.environ.get(ENV_WORK_DIR)
-    return Path(configured).expanduser() if configured else Path(tempfile.gettempdir()) / "sd-lora-trainer"
 
 
 def _is_field_info(value: Any) -> bool:

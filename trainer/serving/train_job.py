@@ -29,11 +29,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from trainer.config.load import load_config
+from trainer.data.ingest.sources import parse_source, split_sources
+from trainer.data.limits import DataLimits
+from trainer.device import select_device
+from trainer.models.loading import model_cache_dir, resolve_source, sweep_downloads
 from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT, check_request
-from trainer.serving.common import ENV_ALLOW_LOCAL, env_flag, unwrap_inputs, work_root
+from trainer.serving.cancel import run_cancellable
+from trainer.serving.common import unwrap_inputs
+from trainer.training.errors import TrainingCancelled
+from trainer.training.loop import train
 from trainer.utils.atomic import is_disk_full
 from trainer.utils.download import redact_text, stop_downloads_on
-from trainer.utils.s3 import S3Uri
+from trainer.utils.env import ENV_ALLOW_LOCAL, env_flag, work_root
+from trainer.utils.logs import setup_logging
+from trainer.utils.s3 import S3Uri, UploadCancelled, check_bucket, delete_object, s3_client, upload_file
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +142,6 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _check_sources(urls: Any, allow_local: bool) -> None:
-    from trainer.data.ingest.sources import parse_source, split_sources
-
     for source in split_sources(urls):
         ref = parse_source(source)
         if ref.kind == "local" and not allow_local:
@@ -145,10 +153,6 @@ def _check_sources(urls: Any, allow_local: bool) -> None:
 
 def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any]) -> TrainingRequest:
     """Validate every input and build the config; raises ValueError with a message for the user."""
-    from trainer.config import load_config
-    from trainer.device import select_device
-    from trainer.models.loading import model_cache_dir, resolve_source
-
     inputs = unwrap_inputs(inputs)
     allow_local = env_flag(ENV_ALLOW_LOCAL)
     training_args = parse_training_args(inputs.get("training_args"))
@@ -170,13 +174,9 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
     else:
         _check_sources(urls, allow_local)
         if uploaded:
-            from trainer.data.ingest.sources import split_sources
-
             data["lora_training_urls"] = [*split_sources(urls), *uploaded]
 
     config = load_config(data)
-    # Eden's rule: an unnamed run is named after its training URL (its TrainingConfig.__init__).
-    config.name = config.run_name
 
     # Cheap checks of what would otherwise fail only after the data is prepared.
     select_device(config.device)
@@ -187,8 +187,6 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
     output_uri = inputs.get("output_uri")
     if not _blank(output_uri):
         destination = S3Uri.parse(str(output_uri), what="output_uri")
-        from trainer.utils.s3 import check_bucket, s3_client
-
         check_bucket(s3_client(config.s3_endpoint_url, connect_timeout=5.0, read_timeout=15.0, retries=1),
                      destination, "output_uri")
     # A source that is a local file only because cog decoded an upload is admitted; others were checked above.
@@ -223,8 +221,6 @@ def _uploaded_source(value: Any, allow_local: bool) -> tuple[str, bool]:
 
 def _decode_data_url(text: str) -> Path:
     """A ``data:`` upload written to the work folder's ``uploads/`` (the job removes it when it ends)."""
-    from trainer.data.limits import DataLimits
-
     header, comma, payload = text.partition(",")
     limit = DataLimits().max_download_bytes
     if not comma:
@@ -295,9 +291,6 @@ class TrainingJob:
 
     # ------------------------------------------------------------------------------------------- running
     def run(self) -> Path:
-        from trainer.serving.cancel import run_cancellable
-        from trainer.training.loop import TrainingCancelled
-
         self._prune()
         try:
             return run_cancellable(self._work, stop=self.stop, interrupt_with=TrainingCancelled,
@@ -311,12 +304,10 @@ class TrainingJob:
                 upload.unlink(missing_ok=True)
 
     def _work(self) -> Path:
-        from trainer.training.loop import TrainingCancelled, train
-
         config = self.request.config
         try:
-            logger.info("training %s (%s, %s steps) in %s", config.name, config.concept_mode, config.max_train_steps,
-                        self.job_dir)
+            logger.info("training %s (%s, %s steps) in %s", config.run_name, config.concept_mode,
+                        config.max_train_steps, self.job_dir)
             with stop_downloads_on(self.stop):
                 result = train(config, run_dir=self.job_dir / "run", should_stop=self.stop.is_set,
                                on_progress=lambda event: logger.info("%s", progress_line(event)),
@@ -340,9 +331,6 @@ class TrainingJob:
             raise
 
     def _upload(self) -> None:
-        from trainer.training.loop import TrainingCancelled
-        from trainer.utils.s3 import UploadCancelled, s3_client, upload_file
-
         target = object_key(self.request.destination, self.zip_path.name)
         self._client = s3_client(self.request.config.s3_endpoint_url)
         # Recorded before the first byte goes out: a PUT can complete on the server after the cancellation reached
@@ -363,15 +351,11 @@ class TrainingJob:
         shutil.rmtree(self.output_dir, ignore_errors=True)
         self.zip_path = None
         if self.uploaded is not None and self._client is not None:
-            from trainer.utils.s3 import delete_object
-
             delete_object(self._client, self.uploaded)
             self.uploaded = None
 
     def _prune(self) -> None:
         """Remove stale run folders, all but the newest outputs of earlier jobs, and partial downloads."""
-        from trainer.models.loading import model_cache_dir, sweep_downloads
-
         sweep_downloads(model_cache_dir())
         for folder in sorted((self.root / "jobs").glob("*")):
             shutil.rmtree(folder, ignore_errors=True)
@@ -396,8 +380,6 @@ def _retrying(action: Callable[[], None], attempts: int = 3) -> None:
 
 def run_training_job(inputs: Mapping[str, Any], defaults: Mapping[str, Any]) -> Path:
     """Validate, train and deliver; returns the zip. What ``train.py`` calls."""
-    from trainer.utils.logs import setup_logging
-
     setup_logging()
     try:
         request = parse_training_request(inputs, defaults)
