@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from trainer.data.augment import flips_allowed, plan_augmentation
-from trainer.data.crops import best_offset, cover_size, plan_crop, render_image, render_mask, resize_and_crop
+from trainer.data.crops import best_offset, plan_crop, render_image, render_mask
 from trainer.data.saliency import importance_map, spectral_residual
 
 
@@ -64,14 +64,6 @@ def test_saliency_finds_the_object_on_a_plain_background():
     plan = plan_crop((240, 480), (256, 256), importance_map(image))
     left = plan.top_left[1]
     assert left + 256 >= 440 * 256 / 240 - 1  # the crop keeps the patch (a centre crop would cut into it)
-
-
-def test_resize_and_crop_keeps_its_old_contract():
-    image = Image.new("RGB", (300, 100), (10, 20, 30))
-    mask = Image.new("L", (300, 100), 255)
-    cropped, cropped_mask, top_left = resize_and_crop(image, (64, 64), focus_xy=(290.0, 50.0), mask=mask)
-    assert cropped.size == (64, 64) and cropped_mask.size == (64, 64)
-    assert top_left == (0, cover_size((100, 300), (64, 64))[1] - 64)
 
 
 def test_augmentation_plans_are_balanced_seeded_and_never_flip_faces():

@@ -79,7 +79,3 @@ def load_lora_state_dict(module, state: dict[str, torch.Tensor]) -> None:
     if unexpected:
         raise ValueError(f"the checkpoint's LoRA does not fit this model ({len(unexpected)} unexpected keys, "
                          f"e.g. {unexpected[0]}): lora_rank, use_dora or the base model differ")
-
-
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in module.named_parameters() if "lora_" in name]

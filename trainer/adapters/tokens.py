@@ -7,15 +7,12 @@ and weight decay touch a few vectors, never the 49,408-row tables (about 1.6 GB 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 #: Words that initialise the new tokens when nothing else is given, per concept mode.
 CONCEPT_INIT_WORDS = {"face": "person", "object": "object", "style": "style"}

@@ -7,7 +7,6 @@ memory together.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import re
 from collections.abc import Callable
@@ -18,8 +17,6 @@ import torch
 from trainer.config.schema import TrainingConfig
 from trainer.data.errors import DataError
 from trainer.device import DeviceInfo, resolve_dtype, select_device
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -118,22 +118,3 @@ def render_mask(mask: np.ndarray, plan: CropPlan) -> Image.Image:
     box = plan.box_in(source.width, source.height)
     out = source.resize((tw, th), Image.Resampling.BILINEAR, box=box)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else out
-
-
-def resize_and_crop(image: Image.Image, target_hw: tuple[int, int], focus_xy: tuple[float, float] | None = None,
-                    mask: Image.Image | None = None) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
-    """Resize to cover ``target_hw`` and crop around ``focus_xy`` (source pixels; None centres).
-
-    Returns the image, the mask cropped alike, and the crop's (top, left) in resized pixels.
-    """
-    importance = None
-    if focus_xy is not None:
-        importance = np.zeros((image.height, image.width), dtype=np.float32)
-        x = int(min(max(focus_xy[0], 0), image.width - 1))
-        y = int(min(max(focus_xy[1], 0), image.height - 1))
-        importance[y, x] = 1.0
-    plan = plan_crop((image.height, image.width), target_hw, importance)
-    cropped_mask = None
-    if mask is not None:
-        cropped_mask = render_mask(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0, plan)
-    return render_image(image, plan), cropped_mask, plan.crop_top_left

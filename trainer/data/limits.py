@@ -7,7 +7,7 @@ the bytes flow, because declared sizes can lie.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from trainer.config.schema import TrainingConfig
 
@@ -49,6 +49,3 @@ class DataLimits:
     @classmethod
     def from_config(cls, config: TrainingConfig) -> DataLimits:
         return cls(max_images=config.max_train_images)
-
-    def with_(self, **changes) -> DataLimits:
-        return replace(self, **changes)

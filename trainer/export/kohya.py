@@ -94,10 +94,6 @@ def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, *,
     return out
 
 
-def kohya_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    return {k[: -len(".lora_down.weight")]: v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
-
-
 def check_kohya_state(state: dict[str, torch.Tensor]) -> None:
     """Every module has down, up and alpha, shapes agree, and nothing else is in the file (diffusers' kohya loader
     raises on unknown keys; ComfyUI skips them)."""

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.data.ingest.safety import printable
+from trainer.data.ingest.sniff import read_head, sniff
 from trainer.export.files import (
     EMBEDDINGS_SUFFIX,
     FULL_UNET_DIR,
@@ -72,8 +74,6 @@ TAR_KINDS = ("tar", "gzip", "bz2", "xz")
 def archive_kind(path: Path) -> str | None:
     """``zip``, ``tar``, ``gzip``, ``bz2`` or ``xz`` from the file's first bytes (a downloaded file's name says
     nothing), else ``None``."""
-    from trainer.data.ingest.sniff import read_head, sniff
-
     kind = sniff(read_head(path, 512))
     return kind if kind == "zip" or kind in TAR_KINDS else None
 
@@ -185,8 +185,6 @@ def eden_version(training_args: dict, files: BundleFiles) -> str | None:
 
 
 def _listing(folder: Path, limit: int = 12) -> str:
-    from trainer.data.ingest.safety import printable
-
     # Names come from a stranger's archive: printable and short in a message.
     names = sorted(printable(p.name)[:80] + ("/" if p.is_dir() else "") for p in folder.iterdir())
     if not names:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer.config.schema import MAX_RANK
+from trainer.data.ingest.safety import printable
 from trainer.export.kohya import DORA_SCALE, TE_PREFIXES, UNET_PREFIX, check_kohya_state, diffusers_to_sgm
 
 MISMATCH = "this LoRA does not match the base model"
@@ -170,8 +171,6 @@ def _check_part(key: str, kind: str, tensor: torch.Tensor, weight: torch.Tensor)
 
 def _shown(text: str, limit: int = 160) -> str:
     """A name from a stranger's file, printable and short enough for a message."""
-    from trainer.data.ingest.safety import printable
-
     text = printable(text)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 

@@ -37,6 +37,7 @@ from trainer.inference.fit import (
 )
 from trainer.inference.inputs import composite
 from trainer.models.loading import ModelSource, load_models, model_cache_dir
+from trainer.models.refiner import load_refiner, resolve_refiner
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +291,6 @@ class Generator:
             raise ValueError("refine: the SDXL refiner works only on an SDXL base model, and this one is SD1.5; "
                              "use refine: no_refiner")
         if self.refiner is None:
-            from trainer.models.refiner import load_refiner, resolve_refiner
-
             refiner = load_refiner(resolve_refiner(self.refiner_location), vae=self.pipeline.vae,
                                    text_encoder_2=self.pipeline.text_encoder_2, dtype=self.device.dtype,
                                    cache_dir=self.cache_dir)

@@ -12,7 +12,6 @@ A mask is greyscale: white is repainted, black is kept, grey blends. Its transpa
 from __future__ import annotations
 
 import binascii
-import logging
 import pathlib
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -22,8 +21,6 @@ from PIL import Image
 
 from trainer.data.images import MAX_IMAGE_PIXELS, open_image
 from trainer.utils.download import download, human_size, redact_url
-
-logger = logging.getLogger(__name__)
 
 #: Largest image or mask file a request may send (a 120-megapixel JPEG is well below it).
 MAX_INPUT_BYTES = 100 << 20

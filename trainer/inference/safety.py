@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from trainer.models.loading import HUB_ID
+from trainer.models.tiny import TINY_SAFETY_CHECKER, tiny_model_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
@@ -38,9 +41,6 @@ class SafetyChecker:
     def load(cls, location: str, *, cache_dir: Path, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessorPil
-
-        from trainer.models.loading import HUB_ID
-        from trainer.models.tiny import TINY_SAFETY_CHECKER, tiny_model_dir
 
         folder = location
         extra = {}

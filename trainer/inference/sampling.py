@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -10,8 +9,7 @@ import torch
 from PIL import Image
 
 from trainer.data.captions import replace_trigger
-
-logger = logging.getLogger(__name__)
+from trainer.utils.atomic import atomic_path, atomic_write_text
 
 DEFAULT_PROMPTS = {
     "face": [
@@ -77,8 +75,6 @@ def render(pipeline, prompts: list[tuple[str, str | None]], *, trigger: str, tok
 def save_samples(images: list[Image.Image], prompts: list[tuple[str, str | None]], folder: Path,
                  prefix: str) -> Path:
     """Save the images and their grid; returns the grid's path."""
-    from trainer.utils.atomic import atomic_path, atomic_write_text
-
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         with atomic_path(folder / f"{prefix}_{index:02d}.jpg") as tmp:

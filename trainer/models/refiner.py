@@ -28,6 +28,7 @@ from trainer.models.loading import (
     forget_download,
 )
 from trainer.models.tiny import TINY_REFINER, tiny_model_dir
+from trainer.utils.download import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ class RefinerSource:
     location: str
 
     def describe(self) -> str:
-        from trainer.utils.download import redact_url
-
         return redact_url(self.location) if self.kind == "url" else self.location
 
 

@@ -70,6 +70,3 @@ class PromptEncoder:
             for row, text in enumerate(chunk):
                 cache[text] = (prompt[row].detach(), pooled[row].detach() if pooled is not None else None)
         self._cache = cache
-
-    def clear_cache(self) -> None:
-        self._cache = None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.models.tokenizer import write_clip_tokenizer
 from trainer.utils.atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ _SCHEDULER_KW = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
-
-
-def is_tiny_name(name: str | None) -> bool:
-    return name in TINY_NAMES
 
 
 def _text_encoder_config(hidden: int, projection_dim: int | None = None, pad_token_id: int = EOS_ID):
@@ -85,8 +82,6 @@ def build_tiny_sd15(folder: Path) -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from trainer.models.tokenizer import write_clip_tokenizer
-
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -115,8 +110,6 @@ def build_tiny_sd15(folder: Path) -> None:
 def build_tiny_sdxl(folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from trainer.models.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
     te1_dim, te2_dim, time_dim = 32, 32, 8
@@ -158,8 +151,6 @@ def build_tiny_sdxl_refiner(folder: Path) -> None:
     """An SDXL refiner (img2img, second text encoder only, aesthetic-score conditioning) sized to fit ``tiny-sdxl``."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    from trainer.models.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(1)
     te2_dim, time_dim = 32, 8

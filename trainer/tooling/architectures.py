@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.models.tokenizer import write_clip_tokenizer
 from trainer.utils.atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,6 @@ def build_random_pipeline(version: str, folder: Path, device: str | torch.device
     """Save a random-weight diffusers pipeline of the real architecture (about 7 GB for SDXL in fp16)."""
     from diffusers import EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
-
-    from trainer.models.tokenizer import write_clip_tokenizer
 
     folder = Path(folder)
     if (folder / "model_index.json").is_file():

@@ -4,7 +4,7 @@
 entry point comes from ``COG_TRAIN_TYPE_STUB`` / ``COG_PREDICT_TYPE_STUB``, the port is picked by the OS and read
 from the server's ``Starting coglet server on HOST:PORT`` line. coglet starts its worker with whatever ``python`` is
 first on ``PATH`` (a python without cog leaves the server in STARTING for ever), so the interpreter's folder is put
-first. :meth:`CogServer.attach` talks to a server started elsewhere (a container).
+first.
 
 :class:`FileServer` serves a local folder over http on 127.0.0.1, so training images and trained zips can be given
 to the server as URLs, as users give them.
@@ -23,16 +23,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from trainer.utils.download import download
+
 logger = logging.getLogger(__name__)
 
 _PORT_LINE = re.compile(r"Starting coglet server on [^\s:]+:(\d+)")
-TERMINAL = ("succeeded", "failed", "canceled")
 
 
 class CogServerError(RuntimeError):
@@ -82,12 +83,6 @@ class CogServer:
         except BaseException:
             server.stop()
             raise
-        return server
-
-    @classmethod
-    def attach(cls, base_url: str, timeout: float = 600.0) -> CogServer:
-        server = cls(base_url)
-        server.wait_ready(timeout)
         return server
 
     def _read_output(self) -> None:
@@ -227,8 +222,6 @@ def save_output(value: str, target: Path) -> Path:
     if value.startswith("data:"):
         target.write_bytes(decode_data_url(value))
     elif value.startswith(("http://", "https://")):
-        from trainer.utils.download import download
-
         download(value, target)
     else:
         target.write_bytes(Path(value).read_bytes())
@@ -274,12 +267,3 @@ class FileServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def serving(folder: Path) -> Iterator[FileServer]:
-    server = FileServer(folder)
-    try:
-        yield server
-    finally:
-        server.close()

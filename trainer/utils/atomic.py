@@ -93,11 +93,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def sweep_partials(root: Path, *, older_than: float = 0.0, depth: int = 3) -> int:
     """Remove ``.partial-*`` leftovers of killed processes anywhere ``depth`` levels below ``root``; returns how many.
 

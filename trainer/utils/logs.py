@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from trainer.utils.download import redact_text
+
 NOISY_LOGGERS = ("diffusers", "transformers", "urllib3", "botocore", "boto3", "s3transfer", "PIL", "matplotlib",
                  "httpx", "filelock")
 _MARK = "_sd_lora_trainer"
@@ -15,8 +17,6 @@ class RedactSecrets(logging.Filter):
     logger wrote it (a library logging a request URL, an error message quoting an input)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from trainer.utils.download import redact_text
-
         message = record.getMessage()
         cleaned = redact_text(message)
         if cleaned != message:

@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 def create_captioner(config: TrainingConfig, limits: DataLimits) -> Captioner | None:
     """The captioner ``caption_model`` names (loaded now), or None for ``no_caption``."""
     kind = config.caption_model
+    # Each captioner's module is imported when it is chosen: the modules import this package (its base class),
+    # and each pulls in its own model code.
     if kind == "no_caption":
         return None
     if kind == "gpt4-v":

@@ -8,14 +8,6 @@ ARCHIVE_KINDS = ("zip", "tar", "gzip", "bz2", "xz")
 #: Recognised but refused, with a hint.
 UNSUPPORTED_ARCHIVES = {"7z": "7z", "rar": "RAR", "zstd": "zstd"}
 
-_NON_IMAGE_HINTS = (
-    (b"%PDF", "a PDF document"),
-    (b"\x00\x00\x00\x18ftypmp4", "an MP4 video"),
-    (b"\x00\x00\x00\x20ftypisom", "an MP4 video"),
-    (b"\x1a\x45\xdf\xa3", "a video (Matroska/WebM)"),
-    (b"ID3", "an MP3 file"),
-)
-
 
 def read_head(path: Path, n: int = 512) -> bytes:
     with open(path, "rb") as handle:
@@ -44,16 +36,3 @@ def sniff(head: bytes) -> str:
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
         return "html"
     return "other"
-
-
-def non_image_hint(head: bytes) -> str | None:
-    """A short description of common non-image files, for skip messages."""
-    kind = sniff(head)
-    if kind == "html":
-        return "an HTML page (is the link a direct download link?)"
-    for magic, description in _NON_IMAGE_HINTS:
-        if head.startswith(magic):
-            return description
-    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head[:256]):
-        return "a text file"
-    return None

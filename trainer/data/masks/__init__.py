@@ -59,6 +59,7 @@ def split_prompts(text: str) -> list[str]:
 
 def create_masker(config: TrainingConfig) -> Masker | None:
     method = mask_method(config)
+    # A masker's module is imported when it is chosen: each imports this package (its base class).
     if method == "face":
         from trainer.data.masks.faces import FaceMasker
 

@@ -7,15 +7,12 @@ cascade's typical false positives in textures. No face gives a full mask, so tha
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from trainer.data.masks import Masker
-
-logger = logging.getLogger(__name__)
 
 CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_profileface.xml")
 #: Detections whose side is below this fraction of the largest face's are dropped.
