@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from pathlib import Path
@@ -28,6 +29,19 @@ def _loopback_only_connect(self, address):
 
 
 socket.socket.connect = _loopback_only_connect
+
+#: Fixtures of the slow tier: a test that builds or loads the tiny models (they all come through the model cache)
+#: is an end-to-end test, left out by `scripts/test.sh --fast`. So is one that asks for a fixture by name at run time
+#: (the trained runs, parametrised by name).
+SLOW_FIXTURES = frozenset({"model_cache"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        function = getattr(item, "function", None)
+        dynamic = function is not None and "getfixturevalue" in inspect.getsource(function)
+        if dynamic or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

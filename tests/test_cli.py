@@ -8,6 +8,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from tests.helpers import make_concept_images
 
@@ -61,6 +63,7 @@ def test_missing_device_is_reported(tmp_path, model_cache):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a fresh python -m trainer
 def test_docs_prints_the_parameter_table():
     result = subprocess.run([sys.executable, "-m", "trainer", "docs"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0

@@ -115,10 +115,10 @@ BACKEND_TABLE: dict[str, Backend] = {
     "cuda": Backend("cuda", numbered=True, bf16=lambda: torch.cuda.is_bf16_supported(), tracks_peak=True,
                     bitsandbytes=True, compiles=True, channels_last=True,
                     label="CUDA", missing="CUDA is not available",
-                    install_hint="use device 'auto' or 'cpu', or install the CUDA build (requirements-cuda.txt)"),
+                    install_hint="use device 'auto' or 'cpu', or install the CUDA build (requirements/cuda.txt)"),
     "xpu": Backend("xpu", numbered=True, tracks_peak=True, compiles=True, channels_last=True,
                    label="XPU", missing="no Intel XPU is available",
-                   install_hint="install the XPU build (requirements-xpu.txt), check the GPU driver (Level Zero) and, "
+                   install_hint="install the XPU build (requirements/xpu.txt), check the GPU driver (Level Zero) and, "
                                 "in a container, pass --device /dev/dri; or use device 'auto' or 'cpu'"),
     "mps": Backend("mps", bf16=_mps_bf16, cpu_generator=True, label="MPS",
                    missing="Apple MPS is not available on this machine"),

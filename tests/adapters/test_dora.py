@@ -148,6 +148,7 @@ def test_add_dora_needs_lora_layers():
         dora.add_dora(Toy())
 
 
+@pytest.mark.slow  # compiles the UNet's blocks (the compile-equivalence test)
 def test_compiled_dora_matches_eager():
     """The UNet's blocks are compiled regionally with the DoRA layers inside: graph capture must keep them."""
     model, _ = _toy_with_dora()

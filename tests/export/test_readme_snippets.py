@@ -23,6 +23,9 @@ from tests.helpers import make_concept_images, prepared_dataset, tiny_config
 from trainer.models.loading import model_cache_dir
 from trainer.models.tiny import tiny_model_dir
 
+# Every snippet runs against a trained tiny run.
+pytestmark = pytest.mark.slow
+
 README_BASE_MODELS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
                       "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 TINY = {"sdxl": "tiny-sdxl", "sd15": "tiny-sd15"}

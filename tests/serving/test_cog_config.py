@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from trainer.tooling.requirements import GENERATED, flatten, generated_text, pins
+from trainer.tooling.requirements import GENERATED, flatten, pins, stale_files
 
 #: cog's config schema (pkg/config/data/config_schema_v1.0.json): unknown keys are rejected by `cog build`.
 TOP_LEVEL_KEYS = {"build", "image", "predict", "run", "train", "concurrency", "environment", "weights"}
@@ -72,14 +72,12 @@ def test_the_cuda_image():
 def test_pins_agree_with_the_requirements_files(name):
     generated, source = GENERATED[name]
     assert _load(name)["build"]["python_requirements"] == generated
-    assert (REPO_ROOT / generated).read_text(encoding="utf-8") == generated_text(source), (
-        f"{generated} is stale: run python -m trainer.tooling.requirements --write"
-    )
+    assert generated not in stale_files(), f"{generated} is stale: run python -m trainer.tooling.requirements --write"
     image = pins(flatten(REPO_ROOT / generated))
     assert image == pins(flatten(REPO_ROOT / source))
-    # Everything the tests run with (requirements.txt: the CPU build) is in the image at the same version, torch
+    # Everything the tests run with (requirements/cpu.txt: the CPU build) is in the image at the same version, torch
     # aside (its build differs by design).
-    tested = pins(flatten(REPO_ROOT / "requirements.txt"))
+    tested = pins(flatten(REPO_ROOT / "requirements/cpu.txt"))
     assert {k: v for k, v in tested.items() if k != "torch"} == {k: v for k, v in image.items()
                                                                  if k in tested and k != "torch"}
     assert image["torch"].split("+")[0] == tested["torch"]
@@ -106,6 +104,7 @@ def test_readme_starts_with_the_two_commands_and_its_table_is_generated():
     assert "scripts/test.sh" in (REPO_ROOT / ".ci" / "run").read_text(), "CI runs the README's test command"
 
 
+@pytest.mark.slow  # five runs of python -m trainer
 def test_docs_command_writes_and_checks_a_readme(tmp_path):
     from trainer.config.docs import TABLE_END, TABLE_START, parameter_table
 
@@ -154,8 +153,8 @@ def test_the_readme_documents_the_trust_boundary_and_every_operator_variable():
 @pytest.mark.parametrize("name", COG_FILES)
 def test_the_watermark_library_is_installed_without_its_opencv(name):
     """invisible-watermark declares opencv-python (a second cv2 that needs libGL); the images install it --no-deps,
-    at the version requirements-nodeps.txt pins, beside everything it imports."""
-    pinned = pins(flatten(REPO_ROOT / "requirements-nodeps.txt"))["invisible-watermark"]
+    at the version requirements/nodeps.txt pins, beside everything it imports."""
+    pinned = pins(flatten(REPO_ROOT / "requirements/nodeps.txt"))["invisible-watermark"]
     build = _load(name)["build"]
     commands = [item["command"] if isinstance(item, dict) else item for item in build.get("run", [])]
     install = [c for c in commands if "invisible-watermark" in c]
@@ -172,6 +171,6 @@ def test_the_watermark_library_imports_here():
 
     import imwatermark  # noqa: F401
 
-    assert version("invisible-watermark") == pins(flatten(REPO_ROOT / "requirements-nodeps.txt"))["invisible-watermark"]
+    assert version("invisible-watermark") == pins(flatten(REPO_ROOT / "requirements/nodeps.txt"))["invisible-watermark"]
     with pytest.raises(PackageNotFoundError):
         version("opencv-python")

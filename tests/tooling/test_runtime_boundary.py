@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 _IMPORT_ALL = """
@@ -36,6 +38,7 @@ def _import(packages: list[str] | None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter imports every module
 def test_the_runtime_never_imports_the_tooling():
     report = _import(None)
     assert "trainer.training.loop" in report["imported"] and "trainer.serving.train_job" in report["imported"]
@@ -43,6 +46,7 @@ def test_the_runtime_never_imports_the_tooling():
     assert [name for name in report["loaded"] if name.startswith("trainer.tooling")] == []
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_inference_does_not_import_the_cog_glue():
     report = _import(["trainer.inference"])
     assert "trainer.inference.service" in report["imported"]

@@ -284,6 +284,7 @@ def test_progress_reports_rate_and_time_left(images, dataset, tmp_path, model_ca
     assert events[-1].fraction == 1.0 and events[-1].eta_seconds == 0.0
 
 
+@pytest.mark.slow  # the compile-equivalence test
 def test_optimised_path_trains_like_the_plain_path(images, dataset, tmp_path, model_cache, monkeypatch):
     """Regional compilation plus caches against no compilation and no caches. The graph capture runs with the
     aot_eager backend here (inductor's C++ build takes minutes on a CPU; measured equal to 1e-4 by the benchmark)."""

@@ -308,7 +308,8 @@ def evaluate_run(run_dir: Path, settings: EvaluationSettings | None = None, *, d
                        diversity_ratio=ranked.diversity_ratio, collapsed=ranked.collapsed)
         report = _report(
             run_dir=run_dir, inputs=inputs, settings=settings, render=render, device=generator.device.describe(),
-            base_model=generator.base_source.describe(), baseline=baseline, results=results,
+            base_model=generator.base_source.describe() if generator.base_source else "", baseline=baseline,
+            results=results,
             recommendation=recommendation, rule=rule, seconds=time.perf_counter() - started,
         )
         _write_outputs(tmp, report, recommendation)

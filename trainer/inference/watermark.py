@@ -46,8 +46,8 @@ class Watermarker:
             from imwatermark import WatermarkEncoder
         except ImportError:
             raise RuntimeError(
-                "apply_watermark needs the invisible-watermark package (pinned in requirements-nodeps.txt; install "
-                "it with pip install --no-deps -r requirements-nodeps.txt), or send apply_watermark: false"
+                "apply_watermark needs the invisible-watermark package (pinned in requirements/nodeps.txt; install "
+                "it with pip install --no-deps -r requirements/nodeps.txt), or send apply_watermark: false"
             ) from None
         self.version = version
         self._encoder = WatermarkEncoder()

@@ -21,7 +21,7 @@ def bpe_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the tiny test models need the CLIP vocabulary shipped in the open_clip_torch wheel: "
-            "pip install --no-deps -r requirements-nodeps.txt"
+            "pip install --no-deps -r requirements/nodeps.txt"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
     if not path.is_file():

@@ -174,7 +174,7 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
     else:
         _check_sources(urls, allow_local)
         if uploaded:
-            data["lora_training_urls"] = [*split_sources(urls), *uploaded]
+            data["lora_training_urls"] = [*split_sources(urls), *uploaded]  # type: ignore[arg-type]
 
     config = load_config(data)
 
@@ -331,6 +331,7 @@ class TrainingJob:
             raise
 
     def _upload(self) -> None:
+        assert self.request.destination is not None and self.zip_path is not None
         target = object_key(self.request.destination, self.zip_path.name)
         self._client = s3_client(self.request.config.s3_endpoint_url)
         # Recorded before the first byte goes out: a PUT can complete on the server after the cancellation reached

@@ -21,10 +21,12 @@ import json
 import logging
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -112,8 +114,8 @@ def _timed_steps(session, first_step: int, warmup: int, steps: int) -> tuple[flo
 def run_case(model: str, location: str, resolution: int, batch: int, optimizer: str, *, steps: int, warmup: int,
              device: str, weight_type: str, compile_: bool | None, gradient_checkpointing: bool,
              extra: dict | None = None) -> CaseResult:
-    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch_name:
+        scratch = Path(scratch_name)
         dataset = synthetic_dataset(scratch, max(8, batch), resolution)
         per_phase = warmup + steps
         config = load_config({
@@ -147,8 +149,8 @@ def run_case(model: str, location: str, resolution: int, batch: int, optimizer: 
 
 def end_to_end(location: str, *, device: str, weight_type: str, steps: int | None, extra: dict | None = None) -> dict:
     """The default job (Eden's defaults: 300 steps, 512 px, batch 4, 8 images) from an image folder to the zip."""
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch_name:
+        scratch = Path(scratch_name)
         images = scratch / "images"
         images.mkdir()
         rng = np.random.default_rng(1)
@@ -256,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = preset_settings(args.preset)
     build_device = select_device(args.device)
     location = model_location(args.model, model_cache_dir(), build_device)
-    report = {"command": "python -m trainer benchmark " + " ".join(argv or __import__("sys").argv[1:]),
-              "environment": environment(args.device), "cases": [], "end_to_end": None}
+    cases: list[dict] = []
+    report: dict[str, Any] = {"command": "python -m trainer benchmark " + " ".join(argv or sys.argv[1:]),
+                              "environment": environment(args.device), "cases": cases, "end_to_end": None}
     for resolution in args.resolutions:
         for batch in args.batches:
             for optimizer in args.optimizers:
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                                 warmup=args.warmup, device=args.device, weight_type=args.weight_type,
                                 compile_=compile_, gradient_checkpointing=args.gradient_checkpointing,
                                 extra=extra)
-                report["cases"].append(asdict(case))
+                cases.append(asdict(case))
                 args.output.write_text(json.dumps(report, indent=2))
     if args.end_to_end:
         # The tiny models keep the default job's shape (8 images, batch 4, samples) at their own 64 px scale.

@@ -248,7 +248,7 @@ class FileServer:
     @property
     def base_url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def url(self, relative: str | Path) -> str:
         return f"{self.base_url}/{quote(Path(relative).as_posix())}"

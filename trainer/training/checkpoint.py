@@ -157,7 +157,7 @@ def restore(session: Session, state: dict) -> int:
 
 
 def _check_finite_parameters(session: Session, step: int) -> None:
-    params = [p for g in session.groups for p in g.params]
+    params: list[torch.Tensor] = [p for g in session.groups for p in g.params]
     norms = torch._foreach_norm(params)
     if not torch.isfinite(torch.stack(norms)).all():
         raise TrainingDiverged(

@@ -160,7 +160,7 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
 
     final = save_checkpoint(session, session.total_steps, with_samples=True)
     zip_path = None
-    if dist.is_main:
+    if log is not None:  # the main process
         plot_losses(log.rows, session.run_dir / LOSS_PNG)
         extras = {}
         if config.evaluate_checkpoints:

@@ -6,6 +6,8 @@ beyond what is switched on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -58,15 +60,15 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
 
 
 # ---------------------------------------------------------------------------------------------- regularisers
-def lora_l1(params: list[torch.Tensor]) -> torch.Tensor:
+def lora_l1(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean absolute value of all LoRA weights (normalised by their count, as the Eden trainer does)."""
     total = sum(p.numel() for p in params)
-    norms = torch._foreach_norm(params, 1)
+    norms = torch._foreach_norm(list(params), 1)
     return torch.stack(norms).sum() / total
 
 
 @torch.no_grad()
-def add_l1_gradient(params: list[torch.Tensor], weight: float) -> None:
+def add_l1_gradient(params: Sequence[torch.Tensor], weight: float) -> None:
     """Add the gradient of ``weight × lora_l1(params)`` to the parameters' gradients directly.
 
     Autograd through the penalty would launch a few kernels per LoRA tensor (over a thousand on SDXL) in the
@@ -76,7 +78,8 @@ def add_l1_gradient(params: list[torch.Tensor], weight: float) -> None:
     if not with_grad:
         return
     total = sum(p.numel() for p in params)
-    torch._foreach_add_([p.grad for p in with_grad], torch._foreach_sign(with_grad), alpha=weight / total)
+    grads = [p.grad for p in with_grad if p.grad is not None]
+    torch._foreach_add_(grads, torch._foreach_sign(with_grad), alpha=weight / total)
 
 
 def token_covariance_loss(rows: torch.Tensor, mean: torch.Tensor, inverse_covariance: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,9 @@ class ParamGroup:
     lr: float
     weight_decay: float
     warmup_steps: int
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    extra: dict = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    """Built by :func:`build_groups`."""
+    scheduler: torch.optim.lr_scheduler.LRScheduler = field(init=False)
     lr_lambda: Callable[[int], float] | None = None
     """The step -> multiplier of this group's own curve (Eden's); ``None`` takes the named schedule."""
 
@@ -81,7 +81,7 @@ def _adamw_8bit(params, lr: float, weight_decay: float, device: DeviceInfo):
         import bitsandbytes as bnb
     except ImportError as error:
         raise ValueError(
-            "unet_optimizer_type 'AdamW8bit' needs the bitsandbytes package (requirements-cuda.txt)"
+            "unet_optimizer_type 'AdamW8bit' needs the bitsandbytes package (requirements/cuda.txt)"
         ) from error
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 

@@ -128,6 +128,7 @@ def resolve_total_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
     if config.max_train_steps is not None:
         return config.max_train_steps
     steps_per_epoch = steps_per_epoch_of(config, batches_per_epoch)
+    assert config.num_train_epochs is not None  # the config refuses both being null
     total = config.num_train_epochs * steps_per_epoch
     if total > MAX_TRAIN_STEPS:
         raise ValueError(
@@ -155,6 +156,6 @@ def resolve_run(config: TrainingConfig, *, run_dir: Path, seed: int, start_time:
         name=config.run_name, run_dir=Path(run_dir), seed=seed, start_time=start_time, version=version,
         tokens=tuple(tokens), token_dict=MappingProxyType(dict(token_dict)), total_steps=total,
         num_train_epochs=epochs_of(config, total, batches_per_epoch),
-        steps_per_epoch=steps_per_epoch_of(config, batches_per_epoch), train_size=tuple(train_size),
+        steps_per_epoch=steps_per_epoch_of(config, batches_per_epoch), train_size=(train_size[0], train_size[1]),
         sample_size=sizes.sample_size(config.validation_img_size, version, train_size),
     )

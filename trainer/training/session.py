@@ -233,6 +233,7 @@ def prepare_data(config: TrainingConfig, models: SDModels, start: RunStart, dist
         dist.barrier()
         if not dist.is_main:
             dataset = PreparedDataset.load(start.run_dir / "dataset")
+    assert dataset is not None
     multiple = models.unet_size_multiple
     for size in dataset.target_sizes:
         if size[0] % multiple or size[1] % multiple:
@@ -297,9 +298,10 @@ def build_optimizer_groups(config: TrainingConfig, run: ResolvedRun, schedule: S
     if tokens is not None and schedule.ti_end > 0:
         groups.append(ParamGroup(GroupName.TOKENS, tokens.parameters(), config.ti_optimizer, config.ti_lr,
                                  config.ti_weight_decay, config.ti_lr_warmup_steps))
-    if adapters.text_encoders and schedule.te_end > schedule.unet_start:
-        groups.append(ParamGroup(GroupName.TEXT_ENCODER_LORA, adapters.text_encoders,
-                                 config.text_encoder_lora_optimizer, config.text_encoder_lora_lr,
+    te_optimizer = config.text_encoder_lora_optimizer
+    if adapters.text_encoders and te_optimizer is not None and schedule.te_end > schedule.unet_start:
+        groups.append(ParamGroup(GroupName.TEXT_ENCODER_LORA, adapters.text_encoders, te_optimizer,
+                                 config.text_encoder_lora_lr,
                                  config.text_encoder_lora_weight_decay, config.txt_encoders_lr_warmup_steps))
     if not groups:
         raise ValueError(

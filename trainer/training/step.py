@@ -115,13 +115,13 @@ def predict(session: Session, inputs: StepInputs, phase: Phase) -> Prediction:
         with torch.set_grad_enabled(phase.text_trains):
             prompt_embeds, pooled = session.text.encode(inputs.texts)
         kwargs = {}
-        if session.models.is_sdxl:
+        if session.time_ids is not None:  # SDXL's size and crop conditioning
             time_ids = session.time_ids[batch.indices, [int(f) for f in batch.flips]]
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         token_mask = None
-        if session.probe is not None or session.config.tok_cond_reg_w > 0:
+        if session.tokens is not None and (session.probe is not None or session.config.tok_cond_reg_w > 0):
             token_mask = session.tokens.new_token_mask(session.text.token_ids(inputs.texts)[0])
-        if session.probe is not None:
+        if session.probe is not None and token_mask is not None:
             session.probe.reset(token_mask)
         noisy = inputs.noisy.to(memory_format=torch.channels_last) if device.prefers_channels_last else inputs.noisy
         model_pred = session.models.unet(noisy, inputs.timesteps, encoder_hidden_states=prompt_embeds, **kwargs).sample
@@ -146,7 +146,7 @@ def add_regularisers(session: Session, loss: torch.Tensor, inputs: StepInputs, p
         with torch.no_grad():
             penalty = config.l1_penalty * lora_l1(session.adapters.unet_lora)
         loss = loss + penalty
-    if session.cov_stats and phase.ti:
+    if session.cov_stats and session.tokens is not None and phase.ti:
         for (mean, inverse), parameter in zip(session.cov_stats, session.tokens.parameters(), strict=True):
             loss = loss + config.tok_cov_reg_w * token_covariance_loss(parameter, mean, inverse)
     if config.cond_reg_w > 0 and phase.text_trains:
@@ -190,7 +190,7 @@ def optimizer_step(session: Session, phase: Phase) -> None:
 def train_step(session: Session, step: int, phase: Phase) -> torch.Tensor:
     """One optimisation step (all micro-batches); returns the mean loss as a device tensor (no synchronisation)."""
     accum = session.config.gradient_accumulation_steps
-    step_loss = None
+    step_loss: torch.Tensor | None = None
     for micro in range(accum):
         micro_step = step * accum + micro
         loss = compute_loss(session, session.plan.batch(micro_step), micro_step, phase)
@@ -199,4 +199,5 @@ def train_step(session: Session, step: int, phase: Phase) -> torch.Tensor:
             session.probe.disarm()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     optimizer_step(session, phase)
+    assert step_loss is not None  # gradient_accumulation_steps >= 1
     return session.dist.average(step_loss / accum)

@@ -423,15 +423,16 @@ def _attempt(url: str, shown: str, choose_target: Callable[[str | None], Path], 
             raise DownloadError(f"{shown}: the secure connection failed ({error.reason or type(error).__name__})"
                                 ) from None
         raise _watchdog_error(watchdog, shown, limit) from None
-    except (OSError, http.client.HTTPException, _ReadFailed) as error:
-        if isinstance(error, _ReadFailed) and error.__cause__ is not None:
-            error = error.__cause__
+    except (OSError, http.client.HTTPException, _ReadFailed) as failure:
+        cause: BaseException = failure
+        if isinstance(failure, _ReadFailed) and failure.__cause__ is not None:
+            cause = failure.__cause__
         if watchdog.fired is not None:
             raise _watchdog_error(watchdog, shown, limit) from None
-        if isinstance(error, TimeoutError):
+        if isinstance(cause, TimeoutError):
             raise _Transient(f"{shown}: timed out after {timeout[0]:.0f}s to connect / {timeout[1]:.0f}s to read"
                              ) from None
-        raise _Transient(f"{shown}: could not connect or the connection broke ({type(error).__name__})") from None
+        raise _Transient(f"{shown}: could not connect or the connection broke ({type(cause).__name__})") from None
     finally:
         watchdog.close()
 

@@ -70,8 +70,8 @@ class S3Uri:
         bucket, _, key = text[5:].partition("/")
         if "@" in bucket or ":" in bucket:
             raise ValueError(
-                f"{what}: credentials or ports do not belong in s3:// URIs; set AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL_S3 instead"
+                f"{what}: credentials or ports do not belong in s3:// URIs (they are not supported there); set "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL_S3 instead"
             )
         if not BUCKET_NAME.match(bucket) or ".." in bucket:
             raise ValueError(

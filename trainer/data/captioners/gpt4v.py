@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import requests
 from PIL import Image
@@ -86,7 +87,8 @@ class OpenAIClient:
         """One chat completion; 429, 5xx, timeouts and connection errors are retried by the one retry policy."""
         url = f"{self.base_url}/chat/completions"
         shown = redact_url(url)
-        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.2}
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                                   "temperature": 0.2}
         headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
         attempts = self.limits.http_retries + 1
         try:
@@ -157,7 +159,7 @@ class GPT4VCaptioner(Captioner):
         self.prompt = USER_PROMPTS.get(concept_mode, USER_PROMPTS["object"])
 
     def _one(self, image: Image.Image) -> str:
-        messages = [
+        messages: list[dict[str, Any]] = [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": [
                 {"type": "text", "text": self.prompt},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from urllib3.exceptions import HTTPError
@@ -116,7 +117,7 @@ class S3Fetcher:
         keys: list[tuple[str, int]] = []
         token = None
         while True:
-            kwargs = {"Bucket": location.bucket, "Prefix": location.key}
+            kwargs: dict[str, Any] = {"Bucket": location.bucket, "Prefix": location.key}
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call(label, "list_objects_v2", **kwargs)
