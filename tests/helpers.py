@@ -86,7 +86,7 @@ def denoising_eval(session, captions: list[str], timesteps=(150, 450, 750), seed
         generator = torch.Generator().manual_seed(seed + t)
         noise = torch.randn(latents.shape, generator=generator)
         steps = torch.full((n,), t, dtype=torch.long)
-        noisy = session.noise_scheduler.add_noise(latents, noise, steps)
+        noisy = session.noise.scheduler.add_noise(latents, noise, steps)
         kwargs = {}
         if pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": session.time_ids[:n, 0]}

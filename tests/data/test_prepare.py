@@ -11,7 +11,8 @@ from PIL import Image
 from tests.data.factories import config, fast_limits, photo
 from trainer.data.errors import SourceError
 from trainer.data.manifest import PreparedDataset
-from trainer.data.prepare import PREVIEW_NAME, SCRATCH_DIR, prepare_dataset
+from trainer.data.prepare import SCRATCH_DIR, prepare_dataset
+from trainer.data.preview import PREVIEW_NAME
 
 
 def _folder(sandbox, sizes=((300, 200), (200, 300), (256, 256)), captions=None):

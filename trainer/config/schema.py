@@ -25,8 +25,6 @@ from trainer.utils.download import redact_values
 
 logger = logging.getLogger(__name__)
 
-CONCEPT_MODES = ("face", "style", "object")
-
 #: Sizes must divide into the VAE's 8x downsampling and the UNet's down blocks (SD1.5: 3 halvings).
 SIZE_MULTIPLE = 64
 

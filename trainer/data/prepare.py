@@ -58,8 +58,6 @@ from trainer.data.report import PrepReport
 from trainer.data.saliency import importance_map
 from trainer.utils.atomic import atomic_dir
 
-__all__ = ["DATASET_DIR", "PREVIEW_NAME", "DataLimits", "prepare_dataset", "split_sources"]
-
 logger = logging.getLogger(__name__)
 
 DATASET_DIR = "dataset"

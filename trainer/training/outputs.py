@@ -10,6 +10,7 @@ import torch
 
 from trainer.data import sizes
 from trainer.data.captions import apply_prompt_modifier
+from trainer.data.preview import PREVIEW_NAME
 from trainer.export.bundle import ExportSpec, usage_readme, write_export, write_zip
 from trainer.export.eden import eden_training_attributes, empty_token_rows
 from trainer.export.files import SAVE_DTYPES, safe_name
@@ -102,7 +103,7 @@ def build_zip(session: Session, final: Path, extras: dict[str, Path] | None = No
     extras = dict(extras or {})
     extras.setdefault(LOSS_CSV, session.run_dir / LOSS_CSV)
     extras.setdefault(LOSS_PNG, session.run_dir / LOSS_PNG)
-    extras.setdefault("dataset_preview.jpg", session.run_dir / "dataset_preview.jpg")
+    extras.setdefault(PREVIEW_NAME, session.run_dir / PREVIEW_NAME)
     readme = usage_readme(spec, has_lora=session.config.is_lora or session.te_lora,
                           has_embeddings=session.tokens is not None, full_unet=not session.config.is_lora)
     return write_zip(session.run_dir / f"{spec.name}.zip", final, extras, readme, leave_out)

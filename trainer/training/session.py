@@ -112,18 +112,6 @@ class Session:
     def te_lora(self) -> bool:
         return self.adapters.te_lora
 
-    @property
-    def unet_lora_params(self) -> list[torch.nn.Parameter]:
-        return self.adapters.unet_lora
-
-    @property
-    def noise_scheduler(self) -> DDPMScheduler:
-        return self.noise.scheduler
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise.prediction_type
-
     def offload_idle(self, offload: bool) -> None:
         """Move the modules that cached outputs replaced (text encoders; the VAE once latents are cached) off the
         device, or back for sampling."""
