@@ -93,25 +93,15 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
         on_progress: Callable[[ProgressEvent], None] | None = None, make_zip: bool = True) -> RunResult:
     """The training loop over a prepared session (``state``: a checkpoint's training state to resume from)."""
     config, dist = session.config, session.dist
-    start_step = restore(session, state) if state else 0
+    start_step = start_training(session, state)
     log = LossLog(session.run_dir, start_step) if dist.is_main else None
-
-    started = time.perf_counter()
-    session.latents.build_cache()
-    session.timings["latent_cache_s"] = time.perf_counter() - started
-    if config.offload_idle_modules:
-        session.offload_idle(True)
-
-    current: Phase | None = None
-    if state is None and checkpoint_due(config, 0, session.total_steps):
-        # Eden's first checkpoint, before any step: the untrained tokens and LoRA, and their samples as a baseline.
-        save_checkpoint(session, 0, with_samples=True)
     existing = list_checkpoints(session.run_dir)
     last_good = existing[-1][1] if existing else None
     # disable=None: a bar on a terminal, none in logs (cog's log stream gets on_progress lines instead).
     bar = tqdm(total=session.total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if dist.is_main else True)
     loop_start = time.perf_counter()
+    current: Phase | None = None
     last_loss: float | None = None
     pending: list[tuple[int, torch.Tensor]] = []
     try:
@@ -133,19 +123,8 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
             due = checkpoint_due(config, done, session.total_steps)
             if done % config.logging_steps == 0 or due or done == session.total_steps:
                 # The only read-back of the loss: once per logging interval, all pending steps together.
-                values = torch.stack([v for _, v in pending]).float().cpu().tolist()
-                flushed = [(s, v) for (s, _), v in zip(pending, values, strict=True)]
+                last_loss = read_back_losses(pending, log, last_good)
                 pending = []
-                if log is not None:
-                    log.extend(flushed)
-                for logged_step, value in flushed:
-                    if not math.isfinite(value):
-                        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved"
-                        raise TrainingDiverged(
-                            f"the loss became {value} at step {logged_step + 1}; {where}. Lower unet_lr / ti_lr, set "
-                            "max_grad_norm, or use weight_type 'bf16' or 'fp32'."
-                        )
-                    last_loss = value
                 elapsed = time.perf_counter() - loop_start
                 rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
                 bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-", refresh=False)
@@ -157,19 +136,57 @@ def run(session: Session, state: dict | None = None, *, should_stop: Callable[[]
     finally:
         bar.close()
     session.timings["train_loop_s"] = time.perf_counter() - loop_start
+    final, zip_path = finish(session, log, make_zip)
+    return RunResult(session.run_dir, final, zip_path, session.total_steps, config, session.run, session.timings)
 
+
+def start_training(session: Session, state: dict | None) -> int:
+    """Restore a resumed run's state, cache the latents, and save Eden's step-0 checkpoint; returns the first step."""
+    start_step = restore(session, state) if state else 0
+    started = time.perf_counter()
+    session.latents.build_cache()
+    session.timings["latent_cache_s"] = time.perf_counter() - started
+    if session.config.offload_idle_modules:
+        session.offload_idle(True)
+    if state is None and checkpoint_due(session.config, 0, session.total_steps):
+        # Eden's first checkpoint, before any step: the untrained tokens and LoRA, and their samples as a baseline.
+        save_checkpoint(session, 0, with_samples=True)
+    return start_step
+
+
+def read_back_losses(pending: list[tuple[int, torch.Tensor]], log: LossLog | None,
+                     last_good: Path | None) -> float | None:
+    """Read the pending steps' losses from the device in one transfer, log them, and stop the run on a NaN or an
+    infinity; returns the last loss (None when nothing was pending)."""
+    values = torch.stack([v for _, v in pending]).float().cpu().tolist()
+    flushed = [(s, v) for (s, _), v in zip(pending, values, strict=True)]
+    if log is not None:
+        log.extend(flushed)
+    last = None
+    for logged_step, value in flushed:
+        if not math.isfinite(value):
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved"
+            raise TrainingDiverged(
+                f"the loss became {value} at step {logged_step + 1}; {where}. Lower unet_lr / ti_lr, set "
+                "max_grad_norm, or use weight_type 'bf16' or 'fp32'."
+            )
+        last = value
+    return last
+
+
+def finish(session: Session, log: LossLog | None, make_zip: bool) -> tuple[Path, Path | None]:
+    """The final checkpoint, the loss plot, the evaluation (when asked) and the zip; returns the checkpoint and the
+    zip (the main process builds it; the others get None)."""
     final = save_checkpoint(session, session.total_steps, with_samples=True)
     zip_path = None
     if log is not None:  # the main process
         plot_losses(log.rows, session.run_dir / LOSS_PNG)
-        extras = {}
-        if config.evaluate_checkpoints:
-            extras = evaluate_after_training(session)
+        extras = evaluate_after_training(session) if session.config.evaluate_checkpoints else {}
         if make_zip:
             zip_path = build_zip(session, final, extras, leave_out=frozenset({STATE_FILE}))
         logger.info("done: %s", zip_path or final)
-    dist.barrier()
-    return RunResult(session.run_dir, final, zip_path, session.total_steps, config, session.run, session.timings)
+    session.dist.barrier()
+    return final, zip_path
 
 
 def train(config: TrainingConfig, *, run_dir: Path | None = None, dataset: PreparedDataset | None = None,
