@@ -28,3 +28,22 @@ def test_defaults():
 def test_bad_values_are_explained(values, message):
     with pytest.raises(ConfigError, match=message):
         load_config({**MINIMAL, **values})
+
+
+def test_the_config_and_the_evaluation_settings_share_one_rule_per_setting():
+    """The config's evaluation_* fields and EvaluationSettings (python -m trainer evaluate) have the same types: one
+    LoRA-scale rule, one bound on images per prompt, one CLIP-model rule, one default each."""
+    from trainer.config.schema import TrainingConfig
+    from trainer.evaluate.settings import EvaluationSettings
+
+    for name in ("lora_scales", "clip_model", "aesthetic_weights", "images_per_prompt"):
+        ours, theirs = TrainingConfig.model_fields[f"evaluation_{name}"], EvaluationSettings.model_fields[name]
+        assert ours.annotation == theirs.annotation and ours.metadata == theirs.metadata, name
+        assert ours.get_default(call_default_factory=True) == theirs.get_default(call_default_factory=True), name
+    config = load_config({**MINIMAL, "evaluation_lora_scales": [0.5, 1.5], "evaluation_images_per_prompt": 3})
+    settings = EvaluationSettings.from_config(config, steps=4)
+    assert settings.lora_scales == [0.5, 1.5] and settings.images_per_prompt == 3 and settings.steps == 4
+    with pytest.raises(ValueError, match=r"Invalid evaluation settings: lora_scales must be distinct LoRA scales"):
+        EvaluationSettings.parse(lora_scales=[1.0, 1.0])
+    with pytest.raises(ValueError, match=r"lora_scales.0 must be in \(0, 2\], got 2.5"):
+        EvaluationSettings.parse(lora_scales=[2.5])

@@ -20,16 +20,19 @@ def create_captioner(config: TrainingConfig, limits: DataLimits) -> Captioner | 
     if kind == "no_caption":
         return None
     if kind == "gpt4-v":
+        # Imported when chosen (see above).
         from trainer.data.captioners.gpt4v import GPT4VCaptioner, OpenAIClient
 
         return GPT4VCaptioner(OpenAIClient.from_environment(config.caption_model_path, limits), config.concept_mode)
     device = aux_device(config)
     if kind == "blip":
+        # Imported when chosen (see above).
         from trainer.data.captioners.blip import DEFAULT_MODEL, BlipCaptioner
 
         model_id = check_model_location(config.caption_model_path or DEFAULT_MODEL, "BLIP", "caption_model_path")
         logger.info("loading the BLIP captioner %s on %s", model_id, device.device)
         return BlipCaptioner(model_id, device)
+    # Imported when chosen (see above).
     from trainer.data.captioners.florence import DEFAULT_MODEL, FlorenceCaptioner
 
     model_id = check_model_location(config.caption_model_path or DEFAULT_MODEL, "Florence-2", "caption_model_path")

@@ -61,10 +61,12 @@ def create_masker(config: TrainingConfig) -> Masker | None:
     method = mask_method(config)
     # A masker's module is imported when it is chosen: each imports this package (its base class).
     if method == "face":
+        # Imported when chosen (see above).
         from trainer.data.masks.faces import FaceMasker
 
         return FaceMasker()
     if method == "clipseg":
+        # Imported when chosen (see above).
         from trainer.data.masks.clipseg import ClipSegMasker
 
         return ClipSegMasker.from_config(config)
