@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainer.inference.bundle import LoraBundle
 from trainer.inference.generator import REFINE_MODES, SCHEDULERS, GenerationRequest, Generator
 from trainer.inference.remote import BundleStore, describe
+from trainer.models.hub import requested_models
 from trainer.utils.download import redact_text
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,9 @@ class PredictionService:
             raise ValueError(f"refine: {inputs.refine} needs an SDXL base model, and this LoRA's is SD1.5; use "
                              "refine: no_refiner")
         if bundle is not None:
-            self.generator.activate(bundle)
+            # The base model that a request's LoRA names is the request's choice (the set-up LoRA's is the operator's).
+            with requested_models(bundle.named_hub_models() if inputs.lora_url else {}):
+                self.generator.activate(bundle)
         else:
             self.generator.deactivate()
             if self.generator.pipeline is None:
