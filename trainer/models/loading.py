@@ -143,6 +143,7 @@ def resolve_source(ckpt_path: str | None, pretrained_model: dict | None, sd_mode
         version = declared or "sdxl"
         ckpt_path = os.environ.get(DEFAULT_MODEL_ENV[version]) or DEFAULT_MODELS[version]
         declared = version
+        local_paths = True  # the operator's default (or the project's), not a request's choice: any form is fine
 
     location = str(ckpt_path).strip()
     if location in TINY_NAMES:
