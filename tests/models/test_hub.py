@@ -288,6 +288,27 @@ def test_a_requested_helper_model_is_fetched_with_its_processor_only(hub, tmp_pa
     assert hub.fetched("testorg/pickled") == []
 
 
+def test_a_requested_name_is_never_looked_up_on_the_servers_disk(hub, tmp_path, cache, monkeypatch):
+    """A request's hub id that is also a folder below the server's working directory comes from the hub, never from
+    that folder (whose existence the answer would otherwise betray)."""
+    from tests.data.tiny_models import build_clipseg
+    from trainer.data.aux_models import check_model_location
+    from trainer.evaluate.clip import ClipScorer
+
+    build_clipseg(tmp_path / "testorg" / "clipseg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRAINER_MODEL_CACHE", str(cache))
+    assert check_model_location("testorg/clipseg", "CLIPSeg", "clipseg_model_path").endswith("testorg/clipseg")
+    with requested_models({"testorg/clipseg": "clipseg_model_path"}), pytest.raises(
+            ValueError, match=r"^clipseg_model_path 'testorg/clipseg': the hub has no public model of that name"):
+        check_model_location("testorg/clipseg", "CLIPSeg", "clipseg_model_path")
+    with requested_models({"testorg/clipseg": "evaluation_clip_model"}), pytest.raises(
+            ValueError, match=r"^evaluation_clip_model 'testorg/clipseg': the hub has no public model of that name"):
+        ClipScorer.load("testorg/clipseg", torch.device("cpu"))
+    assert [path.split("?")[0] for _m, path, _h in hub.requests] == ["/api/models/testorg/clipseg/revision/main"] * 2
+    assert tree(cache) == set()
+
+
 def test_the_cache_keeps_the_most_recently_used_request_models(hub, cache, monkeypatch):
     monkeypatch.setenv(ENV_KEEP_HUB_MODELS, "2")
     for name in ("a", "b", "c"):

@@ -169,3 +169,46 @@ def test_a_lora_zip_names_its_base_model_under_the_same_rules(hub, predictor, tr
     assert predictor.service.generator.base_source.location == REPO
     assert "sd_xl_base_1.0.safetensors" not in hub.fetched(REPO)
     assert (cache / REQUESTED_DIR / "testorg--tiny-sdxl").is_dir()
+
+
+# ---------------------------------------------------------------------------------------- the real server
+@pytest.fixture(scope="module")
+def hub_server(tmp_path_factory, model_cache, s3_server, file_server):
+    """The real cog training server, online to the fake hub (and the file server) only, listing testorg/*."""
+    from tests.conftest import REPO_ROOT
+    from tests.serving.conftest import server_env
+    from trainer.serving.cog_client import CogServer
+
+    hub = FakeHub()
+    hub.add_folder(REPO, tiny_model_dir("tiny-sdxl", model_cache), {"sd_xl_base_1.0.safetensors": 7 << 30})
+    root = tmp_path_factory.mktemp("hub-server")
+    cache = root / "model-cache"
+    cache.mkdir()
+    (cache / "tiny").symlink_to(model_cache / "tiny", target_is_directory=True)
+    env = server_env(cache, root / "work", s3_server, allow=f"{file_server.address} 127.0.0.1:{hub.port}")
+    env.update({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint,
+                ENV_ALLOWED_HUB_MODELS: "testorg/*"})
+    server = CogServer.start(mode="train", ref="train.py:train", cwd=REPO_ROOT, env=env, log_path=root / "server.log")
+    server.hub, server.cache = hub, cache
+    yield server
+    server.stop()
+    hub.close()
+
+
+@pytest.mark.slow
+def test_the_cog_server_trains_on_a_listed_hub_model_and_refuses_others(hub_server, file_server, images_zip):
+    hub, cache = hub_server.hub, hub_server.cache
+    url = file_server.url(images_zip.name)
+    job = hub_server.train(tiny_inputs(url, training_args=json.dumps({**TINY_TRAINING_ARGS, "ckpt_path": REPO})))
+    assert job["status"] == "succeeded", job.get("error") or job.get("logs", "")[-3000:]
+    assert "sd_xl_base_1.0.safetensors" not in hub.fetched(REPO)
+    assert "unet/diffusion_pytorch_model.safetensors" in hub.fetched(REPO)
+    assert (cache / REQUESTED_DIR / "testorg--tiny-sdxl").is_dir()
+
+    before, requests = tree(cache), len(hub.requests)
+    args = {**TINY_TRAINING_ARGS, "ckpt_path": "otherorg/tiny-sdxl", "clipseg_model_path": "otherorg/clipseg"}
+    job = hub_server.train(tiny_inputs(url, training_args=json.dumps(args)))
+    assert job["status"] == "failed"
+    for key in ("ckpt_path 'otherorg/tiny-sdxl'", "clipseg_model_path 'otherorg/clipseg'"):
+        assert f"{key} is not a hub model this server loads for requests" in job["error"], job["error"]
+    assert len(hub.requests) == requests and tree(cache) == before
