@@ -41,6 +41,17 @@ def test_defaults_follow_sd_model_version(cache, monkeypatch):
     assert resolve_source(None, None, "sdxl", cache).kind == "tiny"
 
 
+def test_the_operators_default_may_be_a_local_folder_whoever_asks(cache, monkeypatch):
+    """TRAINER_SDXL_MODEL is the operator's: a request that names no model gets it even when requests may not name
+    local paths themselves."""
+    folder = tiny_model_dir("tiny-sdxl", cache)
+    monkeypatch.setenv("TRAINER_SDXL_MODEL", str(folder))
+    source = resolve_source(None, None, "sdxl", cache, local_paths=False)
+    assert (source.kind, source.location) == ("diffusers_dir", str(folder))
+    with pytest.raises(ValueError, match="local paths are not accepted here"):
+        resolve_source(str(folder), None, "sdxl", cache, local_paths=False)
+
+
 def test_eden_pretrained_model_dicts(tmp_path, cache):
     existing = tmp_path / "juggernaut.safetensors"
     existing.write_bytes(b"x")

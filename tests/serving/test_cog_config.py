@@ -134,6 +134,7 @@ def test_smoke_script_is_executable_and_documents_itself():
 
 def test_the_readme_documents_the_trust_boundary_and_every_operator_variable():
     from trainer.inference.safety import ENV_DISABLE_SAFETY_CHECKER, ENV_SAFETY_CHECKER
+    from trainer.models.hub import ENV_ALLOWED_HUB_MODELS, ENV_KEEP_HUB_MODELS
     from trainer.models.loading import ENV_MAX_MODEL_BYTES
     from trainer.models.refiner import ENV_REFINER
     from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT
@@ -144,9 +145,10 @@ def test_the_readme_documents_the_trust_boundary_and_every_operator_variable():
     security = text[text.index("## Security"):text.index("## Troubleshooting")]
     environment = text[text.index("## Environment variables"):text.index("## Security")]
     for name in (ENV_ALLOW_LOCAL, ENV_ALLOW_PRIVATE_HOSTS, ENV_ALLOW_REQUEST_S3_ENDPOINT, ENV_DOWNLOAD_DEADLINE,
-                 ENV_MAX_MODEL_BYTES, ENV_REFINER, ENV_SAFETY_CHECKER, ENV_DISABLE_SAFETY_CHECKER):
+                 ENV_MAX_MODEL_BYTES, ENV_REFINER, ENV_SAFETY_CHECKER, ENV_DISABLE_SAFETY_CHECKER,
+                 ENV_ALLOWED_HUB_MODELS, ENV_KEEP_HUB_MODELS):
         assert f"`{name}`" in environment and name in security, name
-    for topic in ("trust boundary", "Outbound requests", "Secrets", "Limits"):
+    for topic in ("trust boundary", "Outbound requests", "Hub models a request names", "Secrets", "Limits"):
         assert topic in security, topic
 
 

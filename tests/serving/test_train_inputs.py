@@ -10,6 +10,7 @@ import pytest
 
 import train as train_module
 from trainer.config.schema import TrainingConfig, field_bounds
+from trainer.models.hub import ENV_ALLOWED_HUB_MODELS
 from trainer.serving import train_job
 from trainer.serving.common import declared_defaults, unwrap_inputs
 from trainer.serving.train_job import format_duration, object_key, parse_training_request, progress_line
@@ -312,7 +313,9 @@ def test_server_paths_are_refused_by_name_with_the_same_answer_for_file_folder_a
     ("clipseg_model_path", "CIDAS/clipseg-rd64-refined"), ("evaluation_aesthetic_weights", "https://example.com/a.pth"),
     ("single_file_config", "stabilityai/stable-diffusion-xl-base-1.0"),
 ])
-def test_hub_ids_and_urls_stay_open_to_requests(key, value):
+def test_hub_ids_and_urls_stay_open_to_requests(key, value, monkeypatch):
+    # Hub ids besides the server's defaults need the operator's list (tests/serving/test_hub_requests.py).
+    monkeypatch.setenv(ENV_ALLOWED_HUB_MODELS, "Salesforce/blip-image-captioning-base")
     _request(lora_training_urls=URL, concept_mode="object", training_args=json.dumps({key: value}))
 
 

@@ -17,6 +17,8 @@ import torch
 from trainer.config.schema import TrainingConfig
 from trainer.data.errors import DataError
 from trainer.device import DeviceInfo, resolve_dtype, select_device
+from trainer.models.hub import fetch_requested, requested_key
+from trainer.models.loading import model_cache_dir
 
 T = TypeVar("T")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -32,7 +34,14 @@ def aux_device(config: TrainingConfig) -> DeviceInfo:
 
 
 def check_model_location(model_id: str, what: str, field: str) -> str:
-    """A local folder or a hub id; anything else is refused before transformers gives a longer message."""
+    """A local folder or a hub id; anything else is refused before transformers gives a longer message.
+
+    A hub id that a request named is fetched here, under the rules for requests (:mod:`trainer.models.hub`), and its
+    folder in the model cache is returned: transformers then reads only what was fetched.
+    """
+    key = requested_key(model_id)
+    if key is not None:
+        return str(fetch_requested(model_id, key, model_cache_dir(), "transformers"))
     expanded = os.path.expanduser(model_id)
     if os.path.isdir(expanded):
         return expanded

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.config.schema import DEFAULT_CLIP_MODEL
+from trainer.models.hub import fetch_requested, requested_key
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,14 @@ class ClipScorer:
         """Load from a local folder or a hub id (the Hugging Face cache, as for the other helper models)."""
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
-        location = _check_location(source)
+        key = requested_key(source)
+        if key is not None:
+            # A request's choice: fetched under the rules for requests, then read from that folder only.
+            from trainer.models.loading import model_cache_dir
+
+            location = str(fetch_requested(source.strip(), key, model_cache_dir(), "transformers"))
+        else:
+            location = _check_location(source)
         try:
             model = CLIPModel.from_pretrained(location, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(location)

@@ -18,7 +18,7 @@ from trainer.data.ingest.archives import unpack_untrusted
 from trainer.data.limits import DataLimits
 from trainer.evaluate.recommended import recommended_scale
 from trainer.inference import eden_layout
-from trainer.models.loading import ModelSource, resolve_source
+from trainer.models.loading import ModelSource, is_hub_id, resolve_source
 from trainer.utils.atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,18 @@ class LoraBundle:
         pretrained = None if location else args.get("pretrained_model")
         return resolve_source(location, pretrained, args.get("sd_model_version"), cache_dir,
                               local_paths=self.local_paths or override is not None)
+
+    def named_hub_models(self) -> dict[str, str]:
+        """The hub id this bundle's ``training_args.json`` names as its base model (id -> the key that names it):
+        for a bundle from a request, fetched under the rules for requests (:mod:`trainer.models.hub`)."""
+        args = self.training_args
+        location, key = args.get("ckpt_path"), "ckpt_path"
+        pretrained = args.get("pretrained_model")
+        if not location and isinstance(pretrained, dict):
+            location, key = pretrained.get("path"), "pretrained_model.path"
+        if isinstance(location, str) and is_hub_id(location.strip()):
+            return {location.strip(): f"the LoRA's training_args.json {key}"}
+        return {}
 
     @classmethod
     def open(cls, path: Path, work_dir: Path | None = None, *, local_paths: bool = True) -> LoraBundle:

@@ -33,6 +33,7 @@ from trainer.inference.inputs import fetch_input, open_input_image, open_mask, o
 from trainer.inference.remote import BundleStore, describe
 from trainer.inference.safety import ENV_DISABLE_SAFETY_CHECKER, SafetyChecker, safety_checker_location
 from trainer.inference.watermark import Watermarker
+from trainer.models.hub import requested_models
 from trainer.models.loading import model_cache_dir, resolve_source, sweep_downloads
 from trainer.utils.download import redact_text
 from trainer.utils.env import ENV_ALLOW_LOCAL, env_flag, work_root
@@ -192,7 +193,9 @@ class PredictionService:
             raise ValueError(f"refine: {inputs.refine} needs an SDXL base model, and this LoRA's is SD1.5; use "
                              "refine: no_refiner")
         if bundle is not None:
-            self.generator.activate(bundle)
+            # The base model that a request's LoRA names is the request's choice (the set-up LoRA's is the operator's).
+            with requested_models(bundle.named_hub_models() if inputs.lora_url else {}):
+                self.generator.activate(bundle)
         else:
             self.generator.deactivate()
             if self.generator.pipeline is None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from trainer.models.hub import fetch_requested, requested_key, sweep_partial_fetches
 from trainer.models.tiny import TINY_NAMES, tiny_model_dir
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def resolve_source(ckpt_path: str | None, pretrained_model: dict | None, sd_mode
         version = declared or "sdxl"
         ckpt_path = os.environ.get(DEFAULT_MODEL_ENV[version]) or DEFAULT_MODELS[version]
         declared = version
+        local_paths = True  # the operator's default (or the project's), not a request's choice: any form is fine
 
     location = str(ckpt_path).strip()
     if location in TINY_NAMES:
@@ -216,12 +218,15 @@ STALE_PARTIAL_SECONDS = 600.0
 
 
 def sweep_downloads(cache_dir: Path) -> None:
-    """Remove partial checkpoint downloads that killed processes left in the cache (at start-up)."""
+    """Remove partial checkpoint and hub downloads that killed processes left in the cache (at start-up)."""
     from trainer.utils.atomic import sweep_partials
 
     removed = sweep_partials(Path(cache_dir) / "downloads", older_than=STALE_PARTIAL_SECONDS)
     if removed:
         logger.info("removed %d partial download(s) from %s", removed, Path(cache_dir) / "downloads")
+    removed = sweep_partial_fetches(cache_dir, older_than=STALE_PARTIAL_SECONDS)
+    if removed:
+        logger.info("removed %d partial hub download(s) from %s", removed, cache_dir)
 
 
 def forget_download(target: Path) -> None:
@@ -302,6 +307,18 @@ def load_models(source: ModelSource, *, dtype: torch.dtype = torch.float32, cach
     start = time.perf_counter()
     kind, location = source.kind, source.location
     common: dict[str, Any] = {"dtype": dtype}
+    shown = location  # messages name the model as it was given, not the cache folder it was fetched to
+    requested = requested_key(location) if kind == "hub" else None
+    if requested is not None:
+        # A request's choice: allowed, sized up and fetched through the guarded client (trainer/models/hub.py).
+        declared = source.declared_version
+
+        def check_index(index: dict) -> None:
+            _check_version(_version_of_model_index(index, location), declared, location)
+
+        location = str(fetch_requested(location, requested, cache_dir, "pipeline", variant=variant,
+                                       check_index=check_index))
+        kind = "diffusers_dir"
 
     if kind == "url":
         downloaded = download_checkpoint(location, cache_dir)
@@ -316,10 +333,16 @@ def load_models(source: ModelSource, *, dtype: torch.dtype = torch.float32, cach
         kind = "diffusers_dir"
 
     if kind == "diffusers_dir":
-        version = _check_version(_version_of_diffusers_dir(Path(location)), source.declared_version, location)
+        version = _check_version(_version_of_diffusers_dir(Path(location)), source.declared_version, shown)
         cls = StableDiffusionXLPipeline if version == "sdxl" else StableDiffusionPipeline
         extra = {} if version == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-        pipe = cls.from_pretrained(location, variant=variant, **extra, **common)
+        try:
+            pipe = cls.from_pretrained(location, variant=variant, **extra, **common)
+        except OSError as error:
+            if requested is None:
+                raise
+            raise ValueError(f"{requested} {shown!r}: the files fetched from the hub do not load as a "
+                             f"{version} pipeline ({str(error).splitlines()[0][:200]})") from None
     elif kind == "hub":
         version = _check_version(_hub_version(location, cache_dir), source.declared_version, location)
         cls = StableDiffusionXLPipeline if version == "sdxl" else StableDiffusionPipeline
@@ -332,7 +355,10 @@ def load_models(source: ModelSource, *, dtype: torch.dtype = torch.float32, cach
         path = Path(location)
         version = _check_version(version_of_single_file(path), source.declared_version, path.name)
         cls = StableDiffusionXLPipeline if version == "sdxl" else StableDiffusionPipeline
-        config = single_file_config or DEFAULT_MODELS[version]
+        config_name = config = single_file_config or DEFAULT_MODELS[version]
+        config_key = requested_key(config)
+        if config_key is not None:
+            config = str(fetch_requested(config, config_key, cache_dir, "configs"))
         try:
             if version == "sdxl" and (text_encoder_2 := _sdxl_text_encoder_2(path, config, dtype)) is not None:
                 common["text_encoder_2"] = text_encoder_2
@@ -340,16 +366,16 @@ def load_models(source: ModelSource, *, dtype: torch.dtype = torch.float32, cach
         except OSError as error:
             raise ValueError(
                 f"could not load the single-file checkpoint {path.name}: its architecture configs come from "
-                f"{config!r}, which is not available ({error}). Set single_file_config to a local diffusers folder "
-                "of the same architecture."
+                f"{config_name!r}, which is not available ({error}). Set single_file_config to a local diffusers "
+                "folder of the same architecture."
             ) from None
         except (NotImplementedError, SingleFileComponentError) as error:
             # diffusers builds each module on the meta device and fills it from the file: weights the file lacks
             # surface as a failed copy out of a meta tensor, or as its own component error.
             if isinstance(error, NotImplementedError) and "meta tensor" not in str(error):
                 raise
-            raise _incomplete_checkpoint(path.name, config, str(error).splitlines()[0]) from None
-        _check_no_meta_weights(pipe, path.name, config)
+            raise _incomplete_checkpoint(path.name, config_name, str(error).splitlines()[0]) from None
+        _check_no_meta_weights(pipe, path.name, config_name)
 
     models = _from_pipeline(pipe, version, source)
     models.load_seconds = time.perf_counter() - start

@@ -6,6 +6,9 @@ caches belong to the operator: the environment and the command line. So a reques
 - may name models by hub id (``org/name``) or by http(s) URL (fetched through :mod:`trainer.utils.download`, which
   refuses internal addresses), never by a path on the server, unless the operator sets
   ``TRAINER_ALLOW_LOCAL_SOURCES``;
+- may name, by hub id, the server's default models and what the operator lists in ``TRAINER_ALLOWED_HUB_MODELS``
+  only; those are then fetched under the rules of :mod:`trainer.models.hub` (size known before the download,
+  deadline, nothing left behind by a failure), whatever ``TRAINER_ALLOW_LOCAL_SOURCES`` says;
 - may not set the keys that only make sense on the server (caches, resumable runs, embedding files), under the same
   switch;
 - may not choose the S3 endpoint, which would receive the server's signed requests, unless the operator sets
@@ -21,6 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from trainer.models.hub import hub_model_problem
 from trainer.models.loading import is_hub_id
 from trainer.models.tiny import TINY_NAMES
 from trainer.utils.env import ENV_ALLOW_LOCAL
@@ -38,6 +42,8 @@ SERVER_PATH_KEYS = {
 MODEL_KEYS = ("ckpt_path", "single_file_config", "caption_model_path", "clipseg_model_path", "evaluation_clip_model",
               "evaluation_aesthetic_weights")
 URL_KEYS = {"ckpt_path", "evaluation_aesthetic_weights"}
+#: Keys whose hub id is fetched from the Hugging Face hub (the aesthetic weights come by URL only).
+HUB_KEYS = ("ckpt_path", "single_file_config", "caption_model_path", "clipseg_model_path", "evaluation_clip_model")
 #: An OpenAI model name (``gpt-4o``, ``gpt-4o-2024-08-06``): what caption_model_path holds for gpt4-v.
 _API_MODEL_NAME = re.compile(r"^[A-Za-z0-9][\w.:-]{0,99}$")
 
@@ -59,18 +65,40 @@ def _location_problem(key: str, value: Any, data: Mapping[str, Any]) -> str | No
         return None
     if key == "ckpt_path" and text in TINY_NAMES:
         return None
-    if is_hub_id(text):
+    if is_hub_id(text) and key in HUB_KEYS:
         return None
     if key == "caption_model_path" and data.get("caption_model") == "gpt4-v" and _API_MODEL_NAME.match(text):
         return None
-    accepted = "a hub id (org/name) or an http(s) URL" if key in URL_KEYS else "a hub id (org/name)"
+    accepted = {"evaluation_aesthetic_weights": "an http(s) URL",
+                "ckpt_path": "a hub id (org/name) or an http(s) URL"}.get(key, "a hub id (org/name)")
     return (f"{key} {_shown(text)} is not {accepted}; paths on the server are not accepted from a request "
             f"(the operator can allow them with {ENV_ALLOW_LOCAL}=1)")
+
+
+def requested_hub_models(data: Mapping[str, Any]) -> dict[str, str]:
+    """The hub ids a request names for models the job will fetch: hub id -> the key that names it."""
+    named: dict[str, str] = {}
+    for key in HUB_KEYS:
+        value = data.get(key)
+        if key == "caption_model_path" and data.get("caption_model") == "gpt4-v":
+            continue  # an OpenAI model name, not a hub repository
+        if isinstance(value, str) and is_hub_id(value.strip()):
+            named.setdefault(value.strip(), key)
+    pretrained = data.get("pretrained_model")
+    path = pretrained.get("path") if isinstance(pretrained, Mapping) else None
+    ckpt_path = data.get("ckpt_path")
+    if (ckpt_path is None or not str(ckpt_path).strip()) and isinstance(path, str) and is_hub_id(path.strip()):
+        named.setdefault(path.strip(), "pretrained_model.path")
+    return named
 
 
 def check_request(data: Mapping[str, Any], *, allow_local: bool, allow_s3_endpoint: bool) -> None:
     """Refuse config values a network request may not set; one ``ValueError`` lists every refused key."""
     problems = []
+    for hub_id, key in requested_hub_models(data).items():
+        problem = hub_model_problem(hub_id, key)
+        if problem:
+            problems.append(problem)
     if not allow_local:
         for key, why in SERVER_PATH_KEYS.items():
             value = data.get(key)

@@ -33,8 +33,9 @@ from trainer.config.load import load_config
 from trainer.data.ingest.sources import parse_source, split_sources
 from trainer.data.limits import DataLimits
 from trainer.device import select_device
+from trainer.models.hub import requested_models
 from trainer.models.loading import model_cache_dir, resolve_source, sweep_downloads
-from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT, check_request
+from trainer.serving.boundary import ENV_ALLOW_REQUEST_S3_ENDPOINT, check_request, requested_hub_models
 from trainer.serving.cancel import run_cancellable
 from trainer.serving.common import unwrap_inputs
 from trainer.training.errors import TrainingCancelled
@@ -101,6 +102,8 @@ class TrainingRequest:
     """Whether the config may name model files and folders on the server (the operator's switch)."""
     uploads: list[Path] = field(default_factory=list)
     """Files decoded from the request (``data:`` uploads), removed when the job ends."""
+    hub_models: dict[str, str] = field(default_factory=dict)
+    """Hub ids the request names (id -> key): fetched under the rules for requests (:mod:`trainer.models.hub`)."""
 
 
 def merge_inputs(inputs: Mapping[str, Any], defaults: Mapping[str, Any], training_args: Mapping[str, Any]
@@ -192,7 +195,8 @@ def parse_training_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any
     # A source that is a local file only because cog decoded an upload is admitted; others were checked above.
     return TrainingRequest(config=config, allow_local_sources=allow_local or local_upload, destination=destination,
                            local_paths=allow_local,
-                           uploads=[Path(source) for source in uploaded if UPLOADS_DIR in Path(source).parts])
+                           uploads=[Path(source) for source in uploaded if UPLOADS_DIR in Path(source).parts],
+                           hub_models=requested_hub_models(config.model_dump()))
 
 
 def _uploaded_source(value: Any, allow_local: bool) -> tuple[str, bool]:
@@ -308,7 +312,7 @@ class TrainingJob:
         try:
             logger.info("training %s (%s, %s steps) in %s", config.run_name, config.concept_mode,
                         config.max_train_steps, self.job_dir)
-            with stop_downloads_on(self.stop):
+            with stop_downloads_on(self.stop), requested_models(self.request.hub_models):
                 result = train(config, run_dir=self.job_dir / "run", should_stop=self.stop.is_set,
                                on_progress=lambda event: logger.info("%s", progress_line(event)),
                                allow_local_sources=self.request.allow_local_sources,
