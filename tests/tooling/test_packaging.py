@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -37,11 +38,16 @@ def test_the_requirements_files_are_the_pyproject_pins():
 def test_pip_install_gives_a_working_command(tmp_path):
     """A throwaway venv gets the package without its dependencies (no CUDA torch is pulled); the command then runs
     with the dependencies of the development install, and the package declares exactly the pyproject pins."""
+    # A copy of what the package is made of: pip builds in the source folder, which must not be the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT / "trainer", source / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
     venv = tmp_path / "venv"
     base_python = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
-                              str(REPO_ROOT)], capture_output=True, text=True, cwd=tmp_path)
+                              str(source)], capture_output=True, text=True, cwd=tmp_path)
     assert install.returncode == 0, install.stderr[-3000:]
     command = venv / "bin" / "sd-lora-trainer"
     assert command.is_file()
