@@ -422,6 +422,18 @@ def test_token_vectors_that_do_not_fit_are_refused(base_predictor, served_loras,
     with pytest.raises(ValueError, match=r"this LoRA does not match the base model: .*clip_l has shape"):
         base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
 
+    def poison(tensors):
+        tensors["clip_g"] = tensors["clip_g"].clone()
+        tensors["clip_g"][0, 0] = float("nan")
+        tensors["clip_l"] = tensors["clip_l"].clone()
+        tensors["clip_l"][-1, -1] = float("inf")
+
+    url = _serve_variant(served_loras, "nan-tokens.zip", _edit_tensors(members, name, poison))
+    with pytest.raises(ValueError, match=r"this LoRA does not match the base model: .*holds NaN or infinite values"):
+        base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+    base = _pixels(base_predictor.run(prompt="a photo of a dog", **SMALL))
+    assert np.isfinite(base).all() and base.std() > 0, "the next request renders normally"
+
 
 @pytest.mark.parametrize(("member", "text", "message"), [
     ("training_args.json", "[1, 2]", "training_args.json must hold a JSON object, got a JSON list"),
