@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 from safetensors import safe_open
 
@@ -83,6 +84,7 @@ def test_mode_pipelines_are_built_from_the_base_modules(family, mode, sdxl, sd15
 
 def test_the_refiner_shares_the_base_vae_and_second_text_encoder(sdxl):
     refiner = sdxl.refiner_pipeline()
+    assert type(refiner) is StableDiffusionXLImg2ImgPipeline, "the refiner runs as diffusers' SDXL img2img pipeline"
     assert refiner.vae is sdxl.pipeline.vae
     assert refiner.text_encoder_2 is sdxl.pipeline.text_encoder_2
     assert refiner.unet is not sdxl.pipeline.unet and refiner.text_encoder is None
