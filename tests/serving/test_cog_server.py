@@ -13,9 +13,11 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import uuid
 import zipfile
+import zlib
 
 import pytest
 from PIL import Image
@@ -173,6 +175,18 @@ def _png_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _bomb_png_data_uri(width: int, height: int) -> str:
+    """A PNG whose header declares ``width`` × ``height`` grey pixels over a few bytes of data: a decompression bomb
+    (the image is refused from its header, before any decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def test_prediction_server_with_cog_sdxl_inputs(trained, file_server, trained_sd15, model_cache, s3_server,
                                                 tmp_path):
     """cog-sdxl's inputs through the real server: img2img and inpainting from data URIs (how cog clients send an
@@ -240,6 +254,8 @@ def test_prediction_server_with_cog_sdxl_inputs(trained, file_server, trained_sd
              f"image: {internal.url('/start.png')}: 127.0.0.1 is a loopback address"),
             ({"image": _png_data_uri(start), "mask": internal.url("/start.png", host="2130706433")},
              "is a loopback address"),
+            ({"image": _png_data_uri(start), "prompt_strength": 0.0}, "prompt_strength: 0 of"),
+            ({"image": _bomb_png_data_uri(40_000, 40_000)}, "image: the image is over the limit of 120 MP"),
         ]
         for extra, message in bad_inputs:
             bad = server.predict({**base, **extra})
