@@ -27,6 +27,12 @@ import torch
 _STATE_KEYS = ("s", "p0", "exp_avg", "exp_avg_sq")
 
 
+def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    grads = [p.grad for p in params]
+    assert all(g is not None for g in grads)  # callers pass the parameters that have one
+    return grads  # type: ignore[return-value]
+
+
 class FlatProdigy(torch.optim.Optimizer):
     """prodigyopt.Prodigy with one parameter group, ``slice_p`` 1 and no FSDP; same arguments and defaults."""
 
@@ -151,17 +157,17 @@ class FlatProdigy(torch.optim.Optimizer):
         self._allocate()
         with torch.no_grad():
             for p in self._params:
-                values = loaded.get(p)
-                if values is None:
+                saved = loaded.get(p)
+                if saved is None:
                     continue
                 state = self.state[p]
                 for key in _STATE_KEYS:
-                    value = values[key]
+                    value = saved[key]
                     if key == "p0" and value.dim() == 0:  # prodigyopt's p0 of an all-zero parameter
                         state[key].fill_(value)
                     else:
                         state[key].copy_(value.reshape(state[key].shape))
-                state["step"] = values["step"]
+                state["step"] = saved["step"]
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -218,7 +224,7 @@ class FlatProdigy(torch.optim.Optimizer):
             if beta1 > 0:
                 self._flat.addcdiv_(self._state_buffer("exp_avg"), denom, value=-dlr)
             else:
-                self._flat.addcdiv_(torch.cat([p.grad.reshape(-1) for p in self._params]), denom, value=-dlr * d)
+                self._flat.addcdiv_(torch.cat([g.reshape(-1) for g in _grads(self._params)]), denom, value=-dlr * d)
         else:
             states = [self.state[p] for p in stepped]
             denoms = torch._foreach_sqrt([s["exp_avg_sq"] for s in states])
@@ -228,7 +234,7 @@ class FlatProdigy(torch.optim.Optimizer):
             if beta1 > 0:
                 torch._foreach_addcdiv_(stepped, [s["exp_avg"] for s in states], denoms, value=-dlr)
             else:
-                torch._foreach_addcdiv_(stepped, [p.grad for p in stepped], denoms, value=-dlr * d)
+                torch._foreach_addcdiv_(stepped, _grads(stepped), denoms, value=-dlr * d)
         group["k"] = k + 1
         return loss
 
@@ -237,8 +243,8 @@ class FlatProdigy(torch.optim.Optimizer):
         beta1, beta2, beta3, d, s_alpha, decay, decouple = coefficients
         assert self._flat is not None
         if decay != 0 and not decouple:  # into the gradients themselves, as prodigyopt (the update may read them)
-            torch._foreach_add_([p.grad for p in self._params], self._params, alpha=decay)
-        grad = torch.cat([p.grad.reshape(-1) for p in self._params])
+            torch._foreach_add_(_grads(self._params), self._params, alpha=decay)
+        grad = torch.cat([g.reshape(-1) for g in _grads(self._params)])
         numerator = (grad * (self._state_buffer("p0") - self._flat)).sum(dtype=torch.float64)
         if beta1 > 0:
             self._state_buffer("exp_avg").mul_(beta1).add_(grad, alpha=d * (1 - beta1))
@@ -248,7 +254,7 @@ class FlatProdigy(torch.optim.Optimizer):
 
     def _foreach_moments(self, stepped, coefficients) -> tuple[torch.Tensor, torch.Tensor]:
         beta1, beta2, beta3, d, s_alpha, decay, decouple = coefficients
-        grads = [p.grad for p in stepped]
+        grads = _grads(stepped)
         if decay != 0 and not decouple:
             torch._foreach_add_(grads, stepped, alpha=decay)
         states = [self.state[p] for p in stepped]
