@@ -83,7 +83,10 @@ class _FusedLinearMixin:
                 or (base.bias is not None and base.bias.requires_grad) or lora_b.bias is not None
                 or base._forward_hooks or base._forward_pre_hooks):
             return None
-        weight, bias, a, b = base.weight, base.bias, lora_a.weight, lora_b.weight
+        weight: torch.Tensor = base.weight
+        bias: torch.Tensor | None = base.bias
+        a: torch.Tensor = lora_a.weight
+        b: torch.Tensor = lora_b.weight
         if torch.is_autocast_enabled(x.device.type):
             # peft under autocast: the base and both adapter GEMMs run in the autocast dtype (the fp32 adapter
             # weights and activations cast down), the output in that dtype. Same here, with the casts outside the
