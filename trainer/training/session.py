@@ -19,6 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from trainer.adapters import lora as lora_adapters
+from trainer.adapters.attention import install_lean_processors
 from trainer.adapters.attention_probe import TokenAttentionProbe, install_probe
 from trainer.adapters.tokens import CONCEPT_INIT_WORDS, NewTokens, TokenInit
 from trainer.config.load import save_training_args
@@ -167,6 +168,7 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     schedule = Schedule.from_config(config, run.total_steps, tokens is not None, adapters.te_lora,
                                     run.steps_per_epoch)
     groups = build_optimizer_groups(config, run, schedule, device, tokens, adapters)
+    install_lean_processors(models.unet)
     probe = install_token_probe(config, models, tokens)
     compile_unet(config, models, device)
 
