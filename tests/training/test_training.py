@@ -325,6 +325,34 @@ def test_optimised_path_trains_like_the_plain_path(images, dataset, tmp_path, mo
     _assert_relative_error(_trained_values(fast), _trained_values(plain), 1e-3)
 
 
+@pytest.mark.slow  # compiles the tiny UNet's blocks twice
+def test_compiled_graphs_stay_bounded_with_the_token_probe(images, dataset, tmp_path, model_cache, monkeypatch):
+    """Regional compilation with the token-attention probe on: the probe adds one graph per text-gradient mode (not
+    one per probed layer), sampling compiles nothing, and the count stays under the recompile limit."""
+    from torch._dynamo.utils import counters
+
+    from trainer.training.session import GRAPHS_PER_SIZE
+
+    monkeypatch.setenv("TRAINER_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # not a silent fall to eager
+    settings = {"max_train_steps": 4, "freeze_ti_after_completion_f": 0.5, "gradient_checkpointing": False,
+                "torch_compile": True, "checkpoint_rule": "every", "checkpointing_steps": 2, "n_sample_imgs": 1,
+                "validation_num_inference_steps": 2}
+    graphs = {}
+    for weight in (0.0, 1e-3):
+        torch._dynamo.reset()
+        counters.clear()
+        session, _ = _session(images, dataset, tmp_path / str(weight), token_attention_loss_w=weight, **settings)
+        assert (session.probe is not None) == (weight > 0)
+        loop.run(session, make_zip=False)
+        graphs[weight] = counters["stats"]["unique_graphs"]
+    probed_layers = len(session.probe.processors)
+    assert probed_layers >= 2  # otherwise one graph per layer and one per mode could not be told apart
+    assert 0 < graphs[0.0] < graphs[1e-3] <= graphs[0.0] + 2, graphs  # +1 before the pivot, +1 after
+    assert graphs[1e-3] <= GRAPHS_PER_SIZE * len(set(session.dataset.target_sizes))
+    assert torch._dynamo.config.recompile_limit >= GRAPHS_PER_SIZE
+
+
 def test_a_run_leaves_its_config_as_validated(images, dataset, tmp_path, model_cache):
     """What a run derives (seed, name, tokens from a phrase, steps, epochs) goes into its resolved run; the config
     object the caller validated is the same afterwards, and training_args.json carries the resolved values."""
