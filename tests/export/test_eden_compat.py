@@ -175,3 +175,16 @@ def test_our_zip_without_tokens_loads_through_edens_rules(trained_without_tokens
     assert _relative_error(out, trained_out) < 1e-4
     _, base_out = _fresh(session, _fresh_pipeline(session), eden_prompt)
     assert _relative_error(base_out, trained_out) > 1e-4, "the LoRA must have trained"
+
+
+@pytest.mark.parametrize("run", ["trained_sdxl", "trained_without_tokens"])
+def test_the_zip_readme_names_every_trained_file(run, request, tmp_path):
+    """The zip's README lists each safetensors file it carries, the empty embeddings file of a run without tokens
+    included, so nobody has to guess what a file is for."""
+    folder = _unzip(request.getfixturevalue(run)["result"], tmp_path / "zip")
+    readme = (folder / "README.md").read_text()
+    listed = [line for line in readme.splitlines() if line.startswith("| `")]
+    for path in folder.rglob("*.safetensors"):
+        name = path.relative_to(folder).as_posix()
+        assert any(line.startswith(f"| `{name}`") for line in listed), f"{name} is not described in README.md"
+

@@ -20,6 +20,11 @@ import torch
 from tests.conftest import REPO_ROOT
 from tests.helpers import make_concept_images
 from tests.models.fake_hub import FakeHub
+from trainer.config.schema import DEFAULT_CLIP_MODEL
+from trainer.data.captioners.blip import DEFAULT_MODEL as BLIP
+from trainer.data.captioners.florence import ALIASES
+from trainer.data.captioners.florence import DEFAULT_MODEL as FLORENCE
+from trainer.data.masks.clipseg import DEFAULT_MODEL as CLIPSEG
 from trainer.models.hub import (
     ENV_ALLOWED_HUB_MODELS,
     ENV_KEEP_HUB_MODELS,
@@ -182,12 +187,6 @@ def test_a_repo_not_on_the_list_is_refused_without_contacting_the_hub(hub, tiny_
 
 def test_the_servers_defaults_stay_the_operators():
     """A request naming a default model gets the server's copy, loaded as the operator's models are."""
-    from trainer.data.captioners.blip import DEFAULT_MODEL as BLIP
-    from trainer.data.captioners.florence import ALIASES
-    from trainer.data.captioners.florence import DEFAULT_MODEL as FLORENCE
-    from trainer.data.masks.clipseg import DEFAULT_MODEL as CLIPSEG
-    from trainer.evaluate.clip import DEFAULT_CLIP_MODEL
-
     defaults = {*DEFAULT_MODELS.values(), BLIP, FLORENCE, CLIPSEG, DEFAULT_CLIP_MODEL, *ALIASES}
     with requested_models({name: "ckpt_path" for name in defaults} | {REPO: "ckpt_path"}):
         assert [name for name in defaults if requested_key(name) is not None] == []

@@ -195,6 +195,9 @@ def usage_readme(spec: ExportSpec, has_lora: bool, has_embeddings: bool, full_un
             lines.append(f"| `{emb_file.folder}/{emb}.safetensors` | the same vectors under {keys}, for InvokeAI |")
         else:
             lines.append(f"| `{emb}.safetensors` | the trained token vectors ({keys}) |")
+    if not has_embeddings:
+        lines.append(f"| `{emb}.safetensors` | no vectors (0 rows): no tokens were trained; it is there because "
+                     "Eden's loaders expect an embeddings file, other tools need not load it |")
     lines += [
         f"| `special_params.json` | `{trigger}` → `{tokens}` |",
         "| `training_args.json` | every training setting |",

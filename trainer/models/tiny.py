@@ -107,13 +107,13 @@ def build_tiny_sd15(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def build_tiny_sdxl(folder: Path) -> None:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _sdxl_unet(time_dim: int, *, numbers: int, pooled_dim: int, context_dim: int,
+               transformer_layers_per_block: int | tuple[int, ...]):
+    """SDXL's UNet layout at tiny widths: ``numbers`` conditioning numbers embedded at ``time_dim`` each plus the
+    pooled text projection feed the added time embedding."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    te1_dim, te2_dim, time_dim = 32, 32, 8
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -125,12 +125,22 @@ def build_tiny_sdxl(folder: Path) -> None:
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
-        transformer_layers_per_block=(1, 2),
-        # Six size/crop numbers embedded at time_dim each, plus the pooled CLIP-G projection (as in SDXL).
-        projection_class_embeddings_input_dim=6 * time_dim + te2_dim,
-        cross_attention_dim=te1_dim + te2_dim,
+        transformer_layers_per_block=transformer_layers_per_block,
+        projection_class_embeddings_input_dim=numbers * time_dim + pooled_dim,
+        cross_attention_dim=context_dim,
         norm_num_groups=32,
     )
+
+
+def build_tiny_sdxl(folder: Path) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    te1_dim, te2_dim, time_dim = 32, 32, 8
+    # Six size/crop numbers embedded at time_dim each, plus the pooled CLIP-G projection (as in SDXL).
+    unet = _sdxl_unet(time_dim, numbers=6, pooled_dim=te2_dim, context_dim=te1_dim + te2_dim,
+                      transformer_layers_per_block=(1, 2))
     vae = _vae()
     text_encoder = CLIPTextModel(_text_encoder_config(te1_dim))
     text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(te2_dim, projection_dim=te2_dim, pad_token_id=0))
@@ -149,28 +159,13 @@ def build_tiny_sdxl(folder: Path) -> None:
 
 def build_tiny_sdxl_refiner(folder: Path) -> None:
     """An SDXL refiner (img2img, second text encoder only, aesthetic-score conditioning) sized to fit ``tiny-sdxl``."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(1)
     te2_dim, time_dim = 32, 8
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        # The refiner conditions on five numbers (size, crop, aesthetic score) and reads CLIP-G alone.
-        projection_class_embeddings_input_dim=5 * time_dim + te2_dim,
-        cross_attention_dim=te2_dim,
-        norm_num_groups=32,
-    )
+    # The refiner conditions on five numbers (size, crop, aesthetic score) and reads CLIP-G alone.
+    unet = _sdxl_unet(time_dim, numbers=5, pooled_dim=te2_dim, context_dim=te2_dim, transformer_layers_per_block=1)
     text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(te2_dim, projection_dim=te2_dim, pad_token_id=0))
     tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tokenizer_2_src", pad_token="!"))
     scheduler = EulerDiscreteScheduler(
