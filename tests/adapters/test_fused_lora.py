@@ -130,3 +130,15 @@ def test_compiles_without_graph_breaks():
     assert grads.keys() == expected[3].keys()
     for name in expected[3]:
         torch.testing.assert_close(grads[name], expected[3][name], msg=name)
+
+
+def test_compiles_without_graph_breaks_under_bf16_autocast():
+    # The GPU default: bf16 autocast with regional compilation.
+    torch._dynamo.reset()
+    plain, fused = _pair(4)
+    x, context = _inputs()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, expected = _run(compiled, x, context), _run(plain, x, context)
+    assert actual[0].dtype == torch.bfloat16
+    assert _relative(actual[0], expected[0]) < 1e-2

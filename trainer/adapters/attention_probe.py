@@ -24,7 +24,7 @@ class TokenAttentionProbe:
     every pixel and every other word are the usual sign of an overfit embedding).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None  # [B, 77] bool, set per step
         # Each probed layer keeps its own map (``_ProbeProcessor.map``) rather than appending to a list here: under
         # regional compilation a shared list's length is guarded on, so every probed layer compiled a graph of its
@@ -79,7 +79,7 @@ def _layer_grid(n_queries: int, latent_h: int, latent_w: int) -> tuple[int, int]
 
 
 class _ProbeProcessor:
-    def __init__(self, probe: TokenAttentionProbe):
+    def __init__(self, probe: TokenAttentionProbe) -> None:
         self.probe = probe
         self.map: torch.Tensor | None = None  # [B, Q], set while the probe is armed
 
