@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from tests.helpers import denoising_eval, make_concept_images, prepared_dataset, tiny_config
 from trainer.adapters.lora import lora_state_dict
@@ -187,8 +188,10 @@ def test_ti_only_training_leaves_the_unet_alone(images, dataset, tmp_path, model
     assert not torch.equal(session.tokens.rows()["clip_l"], rows["clip_l"])
 
 
-def test_full_unet_finetuning(images, dataset, tmp_path, model_cache):
-    session, _ = _session(images, dataset, tmp_path, is_lora=False, max_train_steps=2, unet_lr=1e-4)
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])  # prodigy: every UNet weight in one flat buffer
+def test_full_unet_finetuning(images, dataset, tmp_path, model_cache, optimizer):
+    session, _ = _session(images, dataset, tmp_path, is_lora=False, max_train_steps=2, unet_lr=1e-4,
+                          unet_optimizer_type=optimizer)
     weight = session.models.unet.conv_in.weight
     assert weight.requires_grad and weight.dtype == torch.float32
     before = weight.detach().clone()
@@ -196,6 +199,9 @@ def test_full_unet_finetuning(images, dataset, tmp_path, model_cache):
     assert not torch.equal(before, session.models.unet.conv_in.weight)
     assert (result.final_checkpoint / "unet" / "config.json").is_file()
     assert not list(result.final_checkpoint.glob("*_lora.safetensors"))
+    saved = UNet2DConditionModel.from_pretrained(result.final_checkpoint / "unet")
+    trained = session.models.unet.state_dict()
+    assert all(torch.equal(v, trained[k].to(v.dtype)) for k, v in saved.state_dict().items())
 
 
 @pytest.mark.parametrize("overrides", [
@@ -203,6 +209,7 @@ def test_full_unet_finetuning(images, dataset, tmp_path, model_cache):
     {"gradient_accumulation_steps": 2, "max_grad_norm": 1.0},
     {"ti_optimizer": "prodigy", "unet_optimizer_type": "prodigy"},
     {"use_dora": True},
+    {"use_dora": True, "unet_optimizer_type": "prodigy"},  # DoRA magnitudes in the flat buffer, peft's LoRA forward
     {"gradient_checkpointing": True, "lr_scheduler": "linear"},
     {"initial_phrase": "red disc", "initializer_token": None},
     {"noise_offset": 0.1, "l1_penalty": 0.5, "token_attention_loss_w": 1e-2},
