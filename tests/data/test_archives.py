@@ -350,6 +350,29 @@ def test_files_created_are_capped_across_nested_archives(sandbox):
                   limits=fast_limits(max_total_files=300))
 
 
+def test_the_byte_budget_is_one_for_the_whole_job(sandbox):
+    """Archives that each fit the budget fail together: across two sources, and an archive inside an archive (whose
+    unpacked copy and its own contents both count)."""
+    import os
+
+    paths = []
+    for i in range(2):
+        path = sandbox.inputs / f"part{i}.zip"
+        path.write_bytes(zip_bytes({f"noise{i}.png": os.urandom(5 * MiB)}))
+        paths.append(str(path))
+    for path in paths:  # each alone is within the budget (it is refused later, as no image, not by size)
+        with pytest.raises(DataError) as alone:
+            _prepare(sandbox, path, limits=fast_limits(max_total_bytes=8 * MiB))
+        assert "left for the data" not in str(alone.value)
+    _expect_error(sandbox, paths, DataError, "part1.zip: unpacks to 5.0 MiB, over the limit of 3.0 MiB left",
+                  limits=fast_limits(max_total_bytes=8 * MiB))
+
+    outer = sandbox.inputs / "outer.zip"
+    outer.write_bytes(zip_bytes({"inner.zip": zip_bytes({"noise.png": os.urandom(3 * MiB)})}))
+    _expect_error(sandbox, outer, DataError, "inner.zip (in ", "unpacks to 3.0 MiB, over the limit of 2.0 MiB left",
+                  limits=fast_limits(max_total_bytes=5 * MiB))
+
+
 def test_skips_are_summarised_per_archive(sandbox, caplog):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:

@@ -15,6 +15,7 @@ from trainer.export.eden import eden_trigger_text
 from trainer.export.files import EMBEDDINGS_SUFFIX, INVOKEAI_DIR
 from trainer.models.loading import model_cache_dir
 from trainer.models.tiny import tiny_model_dir
+from trainer.training.outputs import sample_prompt_list
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,13 @@ def test_special_params_and_training_args_carry_edens_keys(trained_sdxl, trained
     assert attributes["n_training_imgs"] == 4 and len(attributes["captions"]) == 4
     assert all("TOK" in caption for caption in attributes["captions"])
     assert {"segmentation_prompt", "gpt_description"} <= set(attributes)
+    # Eden's main.py records the sample grid's prompts; its cog output hands them out as grid_prompts.
+    session = trained_sdxl["session"]
+    assert attributes["validation_prompts"] == [p for p, _ in sample_prompt_list(session.config)]
+    assert len(attributes["validation_prompts"]) == session.config.n_sample_imgs
+    eden_folder = eden.write_eden_output(session, tmp_path / "eden")
+    eden_keys = set(json.loads((eden_folder / "training_args.json").read_text())["training_attributes"])
+    assert eden_keys <= set(attributes), f"keys Eden writes that we lack: {eden_keys - set(attributes)}"
     assert isinstance(args["name"], str) and args["name"] and args["concept_mode"] == "object"
     assert args["sd_model_version"] == "sdxl" and args["inserting_list_tokens"] == ["<s0>", "<s1>"]
 

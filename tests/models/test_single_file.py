@@ -249,6 +249,26 @@ def test_url_version_mismatch_is_a_clear_error(folders, single_files, tmp_path, 
             load_models(source, cache_dir=tmp_path, single_file_config=str(folders["tiny-sdxl"]))
 
 
+def test_a_checkpoint_url_larger_than_the_cap_is_refused_and_leaves_nothing(single_files, tmp_path, monkeypatch):
+    """TRAINER_MAX_MODEL_BYTES bounds a ckpt_path URL; the refused download leaves no file, partial or not."""
+    for variable in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    size = single_files["tiny-sdxl"].stat().st_size
+    monkeypatch.setenv(loading.ENV_MAX_MODEL_BYTES, str(size - 1))
+    cache = tmp_path / "cache"
+    with _CountingServer(single_files["tiny-sdxl"].parent) as server:
+        monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, f"127.0.0.1:{server.server.server_address[1]}")
+        with pytest.raises(ValueError, match=r"tiny-sdxl\.safetensors: .*over the limit of .* for a checkpoint "
+                                             r"\(TRAINER_MAX_MODEL_BYTES"):
+            loading.download_checkpoint(server.url("tiny-sdxl.safetensors"), cache)
+        assert server.paths == ["/tiny-sdxl.safetensors"]
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    monkeypatch.setenv(loading.ENV_MAX_MODEL_BYTES, str(size))
+    with _CountingServer(single_files["tiny-sdxl"].parent) as server:
+        monkeypatch.setenv(ENV_ALLOW_PRIVATE_HOSTS, f"127.0.0.1:{server.server.server_address[1]}")
+        assert loading.download_checkpoint(server.url("tiny-sdxl.safetensors"), cache).stat().st_size == size
+
+
 # ------------------------------------------------------------------------------------------- not a checkpoint
 def _lora_like() -> dict[str, torch.Tensor]:
     # kohya-style names, as LoRAs from civitai have them

@@ -199,6 +199,29 @@ def test_predict_signature_matches_the_validation():
             assert tuple(declared.choices) == literal, name
 
 
+# replicate/cog-sdxl's predict.py: the defaults its clients rely on when they leave an input out.
+COG_SDXL_DEFAULTS = {"prompt_strength": 0.8, "refine": "no_refiner", "high_noise_frac": 0.8, "refine_steps": None,
+                     "apply_watermark": True, "disable_safety_checker": False, "scheduler": "K_EULER",
+                     "guidance_scale": 7.5, "num_outputs": 1, "image": None, "mask": None}
+
+
+def test_inputs_left_out_mean_what_they_mean_in_cog_sdxl():
+    parameters = inspect.signature(predict.Predictor.run).parameters
+    assert {name: parameters[name].default.default for name in COG_SDXL_DEFAULTS} == COG_SDXL_DEFAULTS
+
+
+def test_without_an_evaluation_the_default_lora_scale_is_one(base_predictor, served_loras, trained_sdxl):
+    """A zip without an evaluation report renders at lora_scale 1.0 when the request gives none."""
+    with zipfile.ZipFile(trained_sdxl["result"].zip_path) as archive:
+        assert not [name for name in archive.namelist() if name.startswith("evaluation/")]
+    url = served_loras.url("sdxl.zip")
+    default = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=url, **SMALL))
+    one = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=url, lora_scale=1.0, **SMALL))
+    half = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=url, lora_scale=0.5, **SMALL))
+    np.testing.assert_array_equal(default, one)
+    assert np.abs(default - half).mean() > 0.5, "the scale must matter for this LoRA"
+
+
 # ------------------------------------------------------------------------------------------- cog-sdxl's inputs
 def test_img2img_and_inpainting_take_the_size_of_the_image(base_predictor, served_loras):
     start = _picture(96, 64)
@@ -398,6 +421,18 @@ def test_token_vectors_that_do_not_fit_are_refused(base_predictor, served_loras,
     url = _serve_variant(served_loras, "wide-tokens.zip", _edit_tensors(members, name, widen))
     with pytest.raises(ValueError, match=r"this LoRA does not match the base model: .*clip_l has shape"):
         base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+
+    def poison(tensors):
+        tensors["clip_g"] = tensors["clip_g"].clone()
+        tensors["clip_g"][0, 0] = float("nan")
+        tensors["clip_l"] = tensors["clip_l"].clone()
+        tensors["clip_l"][-1, -1] = float("inf")
+
+    url = _serve_variant(served_loras, "nan-tokens.zip", _edit_tensors(members, name, poison))
+    with pytest.raises(ValueError, match=r"this LoRA does not match the base model: .*holds NaN or infinite values"):
+        base_predictor.run(prompt="TOK", lora_url=url, **SMALL)
+    base = _pixels(base_predictor.run(prompt="a photo of a dog", **SMALL))
+    assert np.isfinite(base).all() and base.std() > 0, "the next request renders normally"
 
 
 @pytest.mark.parametrize(("member", "text", "message"), [

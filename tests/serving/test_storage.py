@@ -210,3 +210,19 @@ def _zip_with(files: dict[str, str]) -> bytes:
         for name, text in files.items():
             archive.writestr(name, text)
     return buffer.getvalue()
+
+
+def test_the_predictor_sweeps_stale_partial_downloads_when_it_starts(model_cache, tmp_path, monkeypatch):
+    """Wiring: a predictor set-up (as after a crash) clears what a killed download left in the model cache."""
+    import os
+
+    from trainer.inference.service import PredictionService
+
+    stale = model_cache / "downloads" / "feedface" / ".partial-model.safetensors.x"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a checkpoint")
+    os.utime(stale, (1, 1))
+    monkeypatch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
+    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
+    PredictionService.start(None, device="cpu", root=tmp_path)
+    assert not stale.exists()

@@ -195,6 +195,15 @@ def test_caption_prefix_and_trigger_placement_per_mode(mode, prefix, caption, ex
     assert place_trigger(caption, "TOK", mode, prefix) == expected
 
 
+def test_the_trigger_counts_as_given_wherever_its_letters_appear():
+    """Eden (preprocess.py): the last check puts ``"TOK, "`` in front only when the lower-cased caption lacks
+    ``tok`` anywhere, inside words too, so a prefix such as "tokyo street" leaves no trigger; ``caption_trigger:
+    where_given`` asks for the whole word (listed in the README's differences)."""
+    assert place_trigger("a red disc", "TOK", "object", "tokyo street") == "tokyo street, a red disc"
+    assert place_trigger("a red disc", "TOK", "object", "tokyo street", rule="where_given") == \
+        "TOK, tokyo street a red disc"
+
+
 def test_disable_ti_adds_no_trigger(tmp_path):
     """Eden (preprocess.py): with ``disable_ti`` no trigger is placed (post_process_captions is skipped) and
     ``TOK`` is taken out of the captions, in every mode, style included."""

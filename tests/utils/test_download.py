@@ -75,6 +75,29 @@ def test_redirects_are_checked_at_every_hop(allowed_server, internal_server, tmp
     assert _files(tmp_path) == []
 
 
+@pytest.mark.parametrize(("target", "kind"), [
+    ("http://10.0.0.7/admin", "private"), ("http://192.168.1.1/", "private"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local"), ("http://[fd00:ec2::254]/latest/", "private"),
+    ("http://100.64.0.1/", "non-public"),
+])
+def test_a_redirect_into_a_private_or_link_local_network_is_refused_unconnected(target, kind, allowed_server,
+                                                                                monkeypatch, tmp_path):
+    """The hop after a public (here: allowed) server is judged like the first URL: nothing is connected to."""
+    start = allowed_server.redirect("/start", target, status=307)
+    real_connect = client.socket.create_connection
+    tried = []
+
+    def connect(address, *args, **kwargs):
+        tried.append(address[0])
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(client.socket, "create_connection", connect)
+    with pytest.raises(RefusedDestination, match=rf"is a {kind} address"):
+        download(start, tmp_path / "out.bin", retries=0)
+    assert tried and set(tried) == {"127.0.0.1"}, f"connected to {tried}: only the first hop may be"
+    assert _files(tmp_path) == []
+
+
 def test_an_allowed_redirect_is_followed_and_credentials_stay_with_their_host(allowed_server, monkeypatch, tmp_path):
     other = type(allowed_server)()
     try:

@@ -186,7 +186,7 @@ def download_checkpoint(url: str, cache_dir: Path) -> Path:
     """
     from urllib.parse import urlsplit
 
-    from trainer.utils.download import download, redact_url
+    from trainer.utils.download import TooLarge, download, redact_url
 
     name = Path(urlsplit(url).path).name or "model.safetensors"
     if Path(name).suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -199,6 +199,9 @@ def download_checkpoint(url: str, cache_dir: Path) -> Path:
     logger.info("downloading the base model %s to %s", redact_url(url), target)
     try:
         return download(url, target, progress=True, max_bytes=max_model_bytes())
+    except TooLarge as error:
+        forget_download(target)
+        raise TooLarge(f"{error} for a checkpoint ({ENV_MAX_MODEL_BYTES}, set by the operator)") from None
     except BaseException:
         forget_download(target)
         raise

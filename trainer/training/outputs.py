@@ -29,6 +29,8 @@ def export_spec(session: Session) -> ExportSpec:
     captions = [s.caption for s in session.dataset.samples]
     training_args = run.training_args(config, now=time.time())
     training_args["training_attributes"] = eden_training_attributes(config, captions, len(session.dataset))
+    # Eden records the prompts of its sample grid here, and its cog output returns them as grid_prompts.
+    training_args["training_attributes"]["validation_prompts"] = [prompt for prompt, _ in sample_prompt_list(config)]
     return ExportSpec(
         name=safe_name(run.name),
         version=run.version,
@@ -57,15 +59,21 @@ def export_files(session: Session, folder: Path) -> None:
     )
 
 
+def sample_prompt_list(config) -> list[tuple[str, str | None]]:
+    """The (prompt, negative prompt) pairs of the sample grid, the prompt modifier applied."""
+    prompts = sampling.sample_prompts(config.concept_mode, config.n_sample_imgs, config.validation_prompts,
+                                      config.negative_validation_prompts)
+    if config.prompt_modifier:
+        prompts = [(apply_prompt_modifier(config.prompt_modifier, p), n) for p, n in prompts]
+    return prompts
+
+
 def render_samples(session: Session, folder: Path, step: int) -> Path | None:
     config, run = session.config, session.run
     if config.n_sample_imgs == 0:
         return None
     models = session.models
-    prompts = sampling.sample_prompts(config.concept_mode, config.n_sample_imgs, config.validation_prompts,
-                                      config.negative_validation_prompts)
-    if config.prompt_modifier:
-        prompts = [(apply_prompt_modifier(config.prompt_modifier, p), n) for p, n in prompts]
+    prompts = sample_prompt_list(config)
     was_training = models.unet.training
     models.unet.eval()
     if config.offload_idle_modules:

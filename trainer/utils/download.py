@@ -68,6 +68,10 @@ class DownloadError(ValueError):
     """A download that failed for a reason the user can act on (the message names the redacted URL)."""
 
 
+class TooLarge(DownloadError):
+    """A body over the byte cap of this download (declared or received)."""
+
+
 class RefusedDestination(DownloadError):
     """A URL whose host is not a public internet address (and not one the operator allows)."""
 
@@ -412,7 +416,7 @@ def _attempt(url: str, shown: str, choose_target: Callable[[str | None], Path], 
             length = response.getheader("Content-Length")
             total = int(length) if length and length.isdigit() else None
             if total is not None and total > max_bytes:
-                raise DownloadError(f"{shown}: {human_size(total)} is over the limit of {human_size(max_bytes)}")
+                raise TooLarge(f"{shown}: {human_size(total)} is over the limit of {human_size(max_bytes)}")
             suggested = _suggested_name(response.getheader("Content-Disposition"), final_url)
             content_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
             target = choose_target(suggested)
@@ -550,7 +554,7 @@ def _stream_to(response: http.client.HTTPResponse, target: Path, shown: str, max
                     break
                 received += len(chunk)
                 if received > max_bytes:
-                    raise DownloadError(f"{shown}: more than the limit of {human_size(max_bytes)}")
+                    raise TooLarge(f"{shown}: more than the limit of {human_size(max_bytes)}")
                 handle.write(chunk)
                 bar.update(len(chunk))
             if total is not None and received < total:
