@@ -32,7 +32,7 @@ def test_groups_get_their_own_optimizers_and_learning_rates():
         CPU, schedule="constant", total_steps=10, d_coef=1.0, growth_rate=1.05,
     )
     prodigy, adamw = groups[0].optimizer, groups[1].optimizer
-    assert type(prodigy).__name__ == "Prodigy" and prodigy.param_groups[0]["lr"] == 1.0
+    assert type(prodigy).__name__ == "FlatProdigy" and prodigy.param_groups[0]["lr"] == 1.0
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == pytest.approx(1e-3 / 3)
     for group in groups:
         group.params[0].sum().backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from tests.helpers import denoising_eval, make_concept_images, prepared_dataset, tiny_config
 from trainer.adapters.lora import lora_state_dict
@@ -187,8 +188,10 @@ def test_ti_only_training_leaves_the_unet_alone(images, dataset, tmp_path, model
     assert not torch.equal(session.tokens.rows()["clip_l"], rows["clip_l"])
 
 
-def test_full_unet_finetuning(images, dataset, tmp_path, model_cache):
-    session, _ = _session(images, dataset, tmp_path, is_lora=False, max_train_steps=2, unet_lr=1e-4)
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])  # prodigy: every UNet weight in one flat buffer
+def test_full_unet_finetuning(images, dataset, tmp_path, model_cache, optimizer):
+    session, _ = _session(images, dataset, tmp_path, is_lora=False, max_train_steps=2, unet_lr=1e-4,
+                          unet_optimizer_type=optimizer)
     weight = session.models.unet.conv_in.weight
     assert weight.requires_grad and weight.dtype == torch.float32
     before = weight.detach().clone()
@@ -196,6 +199,9 @@ def test_full_unet_finetuning(images, dataset, tmp_path, model_cache):
     assert not torch.equal(before, session.models.unet.conv_in.weight)
     assert (result.final_checkpoint / "unet" / "config.json").is_file()
     assert not list(result.final_checkpoint.glob("*_lora.safetensors"))
+    saved = UNet2DConditionModel.from_pretrained(result.final_checkpoint / "unet")
+    trained = session.models.unet.state_dict()
+    assert all(torch.equal(v, trained[k].to(v.dtype)) for k, v in saved.state_dict().items())
 
 
 @pytest.mark.parametrize("overrides", [
@@ -203,6 +209,7 @@ def test_full_unet_finetuning(images, dataset, tmp_path, model_cache):
     {"gradient_accumulation_steps": 2, "max_grad_norm": 1.0},
     {"ti_optimizer": "prodigy", "unet_optimizer_type": "prodigy"},
     {"use_dora": True},
+    {"use_dora": True, "unet_optimizer_type": "prodigy"},  # DoRA magnitudes in the flat buffer, peft's LoRA forward
     {"gradient_checkpointing": True, "lr_scheduler": "linear"},
     {"initial_phrase": "red disc", "initializer_token": None},
     {"noise_offset": 0.1, "l1_penalty": 0.5, "token_attention_loss_w": 1e-2},
@@ -284,6 +291,29 @@ def test_progress_reports_rate_and_time_left(images, dataset, tmp_path, model_ca
     assert events[-1].fraction == 1.0 and events[-1].eta_seconds == 0.0
 
 
+def test_flat_prodigy_trains_like_prodigyopt(images, dataset, tmp_path, model_cache, monkeypatch):
+    """The job with the project's FlatProdigy against the same job on prodigyopt.Prodigy (UNet LoRA and tokens)."""
+    from prodigyopt import Prodigy
+
+    from trainer.training import optimizers
+
+    settings = {"max_train_steps": 8, "unet_optimizer_type": "prodigy", "ti_optimizer": "prodigy",
+                "lr_scheduler": "constant", "freeze_ti_after_completion_f": 0.5, "prodigy_d_coef": 100.0,
+                "unet_prodigy_growth_factor": 2.0}
+    flat, _ = _session(images, dataset, tmp_path / "flat", **settings)
+    assert all(type(g.optimizer).__name__ == "FlatProdigy" for g in flat.groups)
+    loop.run(flat, make_zip=False)
+    monkeypatch.setattr(optimizers, "FlatProdigy", Prodigy)
+    reference, _ = _session(images, dataset, tmp_path / "reference", **settings)
+    assert all(type(g.optimizer) is Prodigy for g in reference.groups)
+    loop.run(reference, make_zip=False)
+    for a, b in zip(flat.groups, reference.groups, strict=True):
+        assert a.optimizer.param_groups[0]["d"] == pytest.approx(b.optimizer.param_groups[0]["d"], rel=1e-4)
+    # d_coef and growth make d leave d0 (1e-6) within 8 steps: the estimate itself is compared, not just d0.
+    assert all(g.optimizer.param_groups[0]["d"] > 1e-5 for g in flat.groups)
+    _assert_relative_error(_trained_values(flat), _trained_values(reference), 1e-3)
+
+
 @pytest.mark.slow  # the compile-equivalence test
 def test_optimised_path_trains_like_the_plain_path(images, dataset, tmp_path, model_cache, monkeypatch):
     """Regional compilation plus caches against no compilation and no caches. The graph capture runs with the
@@ -300,6 +330,34 @@ def test_optimised_path_trains_like_the_plain_path(images, dataset, tmp_path, mo
                         cache_text_encoder_outputs=False, **settings)
     loop.run(plain, make_zip=False)
     _assert_relative_error(_trained_values(fast), _trained_values(plain), 1e-3)
+
+
+@pytest.mark.slow  # compiles the tiny UNet's blocks twice
+def test_compiled_graphs_stay_bounded_with_the_token_probe(images, dataset, tmp_path, model_cache, monkeypatch):
+    """Regional compilation with the token-attention probe on: the probe adds one graph per text-gradient mode (not
+    one per probed layer), sampling compiles nothing, and the count stays under the recompile limit."""
+    from torch._dynamo.utils import counters
+
+    from trainer.training.session import GRAPHS_PER_SIZE
+
+    monkeypatch.setenv("TRAINER_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # not a silent fall to eager
+    settings = {"max_train_steps": 4, "freeze_ti_after_completion_f": 0.5, "gradient_checkpointing": False,
+                "torch_compile": True, "checkpoint_rule": "every", "checkpointing_steps": 2, "n_sample_imgs": 1,
+                "validation_num_inference_steps": 2}
+    graphs = {}
+    for weight in (0.0, 1e-3):
+        torch._dynamo.reset()
+        counters.clear()
+        session, _ = _session(images, dataset, tmp_path / str(weight), token_attention_loss_w=weight, **settings)
+        assert (session.probe is not None) == (weight > 0)
+        loop.run(session, make_zip=False)
+        graphs[weight] = counters["stats"]["unique_graphs"]
+    probed_layers = len(session.probe.processors)
+    assert probed_layers >= 2  # otherwise one graph per layer and one per mode could not be told apart
+    assert 0 < graphs[0.0] < graphs[1e-3] <= graphs[0.0] + 2, graphs  # +1 before the pivot, +1 after
+    assert graphs[1e-3] <= GRAPHS_PER_SIZE * len(set(session.dataset.target_sizes))
+    assert torch._dynamo.config.recompile_limit >= GRAPHS_PER_SIZE
 
 
 def test_a_run_leaves_its_config_as_validated(images, dataset, tmp_path, model_cache):

@@ -24,23 +24,38 @@ class TokenAttentionProbe:
     every pixel and every other word are the usual sign of an overfit embedding).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None  # [B, 77] bool, set per step
-        self.maps: list[torch.Tensor] = []
+        # Each probed layer keeps its own map (``_ProbeProcessor.map``) rather than appending to a list here: under
+        # regional compilation a shared list's length is guarded on, so every probed layer compiled a graph of its
+        # own (10 in SDXL's mid block) and hit Dynamo's recompile limit.
+        self.processors: list[_ProbeProcessor] = []
 
     def reset(self, token_mask: torch.Tensor) -> None:
         """Arm the probe for one forward pass."""
         self.token_mask = token_mask
-        self.maps = []
+        self._clear()
 
-    def processor(self):
-        return _ProbeProcessor(self)
+    def processor(self) -> _ProbeProcessor:
+        processor = _ProbeProcessor(self)
+        self.processors.append(processor)
+        return processor
+
+    @property
+    def maps(self) -> list[torch.Tensor]:
+        """The maps recorded since the probe was armed, in layer order."""
+        return [p.map for p in self.processors if p.map is not None]
+
+    def _clear(self) -> None:
+        for processor in self.processors:
+            processor.map = None
 
     def loss(self, concept_mask: torch.Tensor | None) -> torch.Tensor:
-        if not self.maps:
+        maps = self.maps
+        if not maps:
             raise RuntimeError("token attention probe recorded nothing: no probed layer ran")
         values = []
-        for share in self.maps:  # [B, Q]
+        for share in maps:  # [B, Q]
             if concept_mask is None:
                 values.append(share.mean())
                 continue
@@ -48,14 +63,14 @@ class TokenAttentionProbe:
             mask = F.adaptive_avg_pool2d(concept_mask.float(), (side_h, side_w)).flatten(1)
             outside = 1.0 - mask
             values.append((share * outside).sum(dim=1).div(outside.sum(dim=1).clamp(min=1.0)).mean())
-        self.maps = []
+        self._clear()
         return torch.stack(values).mean()
 
     def disarm(self) -> None:
         """Stop recording, after the backward pass: gradient checkpointing re-runs the forward during backward,
         and that recomputation must take the same path as the original forward."""
         self.token_mask = None
-        self.maps = []
+        self._clear()
 
 
 def _layer_grid(n_queries: int, latent_h: int, latent_w: int) -> tuple[int, int]:
@@ -64,8 +79,9 @@ def _layer_grid(n_queries: int, latent_h: int, latent_w: int) -> tuple[int, int]
 
 
 class _ProbeProcessor:
-    def __init__(self, probe: TokenAttentionProbe):
+    def __init__(self, probe: TokenAttentionProbe) -> None:
         self.probe = probe
+        self.map: torch.Tensor | None = None  # [B, Q], set while the probe is armed
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None:
@@ -86,7 +102,7 @@ class _ProbeProcessor:
             scores = (query @ key.transpose(-1, -2)) * attn.scale
             probs = scores.float().softmax(dim=-1)  # [B, H, Q, K]
             token_mask = self.probe.token_mask.to(probs.dtype)[:, None, None, :]
-            self.probe.maps.append((probs * token_mask).sum(dim=-1).mean(dim=1))  # [B, Q]
+            self.map = (probs * token_mask).sum(dim=-1).mean(dim=1)  # [B, Q]
 
         out = F.scaled_dot_product_attention(query, key, value)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)

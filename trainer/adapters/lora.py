@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from trainer.adapters import dora
+from trainer.adapters.fused_lora import fuse_lora_linears
 
 ADAPTER_NAME = "default"
 #: The attention projections and the second convolution of every ResNet block, as Eden's trainer targets them
@@ -44,6 +45,8 @@ def add_unet_lora(unet, rank: int, alpha: float, use_dora: bool = False) -> list
     unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS), adapter_name=ADAPTER_NAME)
     if use_dora:
         dora.add_dora(unet)
+    else:
+        fuse_lora_linears(unet)
     return _upcast_trainable(unet)
 
 

@@ -51,7 +51,14 @@ class PromptEncoder:
             prompt = torch.stack([e[0] for e in embeds])
             pooled = torch.stack([e[1] for e in embeds]) if self.is_sdxl else None
             return prompt, pooled
-        return self.encode_ids(self.token_ids(texts))
+        distinct = list(dict.fromkeys(texts))
+        if len(distinct) == len(texts):
+            return self.encode_ids(self.token_ids(texts))
+        # A batch often repeats a caption (one concept, few images): each distinct caption runs through the text
+        # encoders once and its rows are gathered; the gather's backward sums the repeats' gradients.
+        prompt, pooled = self.encode_ids(self.token_ids(distinct))
+        index = torch.tensor([distinct.index(t) for t in texts], device=prompt.device)
+        return prompt.index_select(0, index), pooled.index_select(0, index) if pooled is not None else None
 
     # ------------------------------------------------------------------------------------------------ cache
     @property

@@ -2,6 +2,10 @@
 
 Random weights change nothing about speed or memory, so the benchmark builds these from config instead of
 downloading 7 GB. Never used for training a user's LoRA: they are only reachable through ``trainer.tooling.benchmark``.
+
+``sdxl-narrow`` is SDXL-base's topology (the same blocks, transformer depths [1, 2, 10], 140 attention layers, both
+text encoders at their real depths, the 4-level VAE) with narrow widths: a CPU step of it is overhead-bound, as the
+real model's step is on a GPU, so its op count and per-op costs stand in for the GPU's launch overhead.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ SD15_UNET = {
     "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
+#: SDXL-base with a tenth of the UNet widths, 32-wide text encoders and a narrow VAE; everything else as SDXL.
+SDXL_NARROW_UNET = {
+    **SDXL_UNET, "addition_time_embed_dim": 32, "attention_head_dim": [2, 4, 8], "block_out_channels": [32, 64, 128],
+    "cross_attention_dim": 64, "projection_class_embeddings_input_dim": 6 * 32 + 32,
+}
 VAE = {
     "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
@@ -43,6 +52,10 @@ CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 
           "hidden_act": "quick_gelu", "projection_dim": 768}
 CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
           "hidden_act": "gelu", "projection_dim": 1280}
+NARROW_VAE = {**VAE, "block_out_channels": [32, 64, 128, 128]}  # channel changes where SDXL has them
+# 32 wide: wider 77-token text encoders of 12 + 32 layers become FLOP-bound on a CPU and hide the per-op overhead.
+NARROW_CLIP_L = {**CLIP_L, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4, "projection_dim": 32}
+NARROW_CLIP_G = {**CLIP_G, "hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4, "projection_dim": 32}
 SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
              "steps_offset": 1, "prediction_type": "epsilon"}
 
@@ -63,13 +76,18 @@ def build_components(version: str, device: str | torch.device = "meta", dtype: t
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if version not in ("sdxl", "sd15", "sdxl-narrow"):
+        raise ValueError(f"unknown architecture {version!r}: sdxl, sd15 or sdxl-narrow")
+    narrow = version == "sdxl-narrow"
+    xl = version in ("sdxl", "sdxl-narrow")
     with torch.device(device):
-        unet = UNet2DConditionModel(**(SDXL_UNET if version == "sdxl" else SD15_UNET))
-        vae = AutoencoderKL(**VAE, sample_size=1024 if version == "sdxl" else 512,
-                            scaling_factor=0.13025 if version == "sdxl" else 0.18215)
-        encoders = {"text_encoder": CLIPTextModel(_text_config(CLIP_L))}
-        if version == "sdxl":
-            encoders["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(CLIP_G, pad_token_id=0))
+        unet = UNet2DConditionModel(**(SDXL_NARROW_UNET if narrow else SDXL_UNET if xl else SD15_UNET))
+        vae = AutoencoderKL(**(NARROW_VAE if narrow else VAE), sample_size=1024 if xl else 512,
+                            scaling_factor=0.13025 if xl else 0.18215)
+        encoders = {"text_encoder": CLIPTextModel(_text_config(NARROW_CLIP_L if narrow else CLIP_L))}
+        if xl:
+            encoders["text_encoder_2"] = CLIPTextModelWithProjection(
+                _text_config(NARROW_CLIP_G if narrow else CLIP_G, pad_token_id=0))
     components = {"unet": unet, "vae": vae, **encoders}
     if device != "meta":
         for module in components.values():
@@ -93,7 +111,7 @@ def build_random_pipeline(version: str, folder: Path, device: str | torch.device
         for module in parts.values():
             module.to("cpu")
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "_tok"))
-        if version == "sdxl":
+        if version in ("sdxl", "sdxl-narrow"):
             tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "_tok2", pad_token="!"))
             pipe = StableDiffusionXLPipeline(
                 tokenizer=tokenizer, tokenizer_2=tokenizer_2,

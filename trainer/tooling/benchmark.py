@@ -11,6 +11,10 @@ measures per case (resolution × batch × optimizer):
 and, with ``--end-to-end``, the wall time of the default job from a folder of images to the zip. The same command
 runs on a CPU with ``--model tiny-sdxl`` as a regression check of the same code. Results go to a JSON file and a
 Markdown table; BENCHMARKS.md records the runs.
+
+``--count-ops`` counts instead of timing: the aten ops dispatched per step (all, and those that are not views) and
+the host synchronisations, in each phase, by where they come from (``trainer.tooling.opcount``). With
+``--model sdxl-narrow`` (SDXL's topology, narrow widths) that is the per-step overhead of SDXL's real topology.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from trainer.data.manifest import PreparedDataset, Sample
 from trainer.device import select_device, setup_device
 from trainer.models.loading import model_cache_dir
 from trainer.tooling.architectures import build_random_pipeline
+from trainer.tooling.opcount import CATEGORIES, StepOpCounts, count_ops
 from trainer.training import step as step_module
 from trainer.training.loop import train
 from trainer.training.session import setup
@@ -49,6 +54,8 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 REAL_MODELS = ("sdxl", "sd15")
+#: SDXL's topology with narrow widths (trainer/tooling/architectures.py), saved in fp32: a few MB.
+NARROW_MODELS = ("sdxl-narrow",)
 TINY_MODELS = ("tiny-sdxl", "tiny-sd15")
 
 
@@ -87,6 +94,9 @@ def synthetic_dataset(folder: Path, n: int, size: int):
 def model_location(model: str, cache_dir: Path, device) -> str:
     if model in TINY_MODELS:
         return model
+    if model in NARROW_MODELS:
+        return str(build_random_pipeline(model, cache_dir / "benchmark" / f"{model}-random-fp32", device="cpu",
+                                         dtype=torch.float32))
     return str(build_random_pipeline(model, cache_dir / "benchmark" / f"{model}-random-fp16", device=device))
 
 
@@ -111,26 +121,36 @@ def _timed_steps(session, first_step: int, warmup: int, steps: int) -> tuple[flo
     return images / elapsed, (peak / 2**30 if peak is not None else None), warmup_s
 
 
+def case_session(scratch: Path, location: str, resolution: int, batch: int, optimizer: str, *, per_phase: int,
+                 device: str, weight_type: str, compile_: bool | None, gradient_checkpointing: bool,
+                 extra: dict | None = None):
+    """A session of ``2 × per_phase`` steps (pivot at half) on a synthetic dataset, its latents cached."""
+    dataset = synthetic_dataset(scratch, max(8, batch), resolution)
+    config = load_config({
+        "lora_training_urls": str(scratch), "concept_mode": "object", "ckpt_path": location,
+        "resolution": resolution, "train_batch_size": batch, "unet_optimizer_type": optimizer,
+        "ti_optimizer": "prodigy" if optimizer == "prodigy" else "adamw", "max_train_steps": 2 * per_phase,
+        "freeze_ti_after_completion_f": 0.5, "checkpointing_steps": 0, "checkpoint_rule": "every",
+        # Eden's schedule lets a Prodigy token optimiser train to the end (no pivot); both phases are measured.
+        "lr_scheduler": "constant", "n_sample_imgs": 0, "device": device,
+        "weight_type": weight_type, "torch_compile": compile_, "gradient_checkpointing": gradient_checkpointing,
+        "output_dir": str(scratch / "runs"), "seed": 0, "caption_model": "no_caption", **(extra or {}),
+    })
+    session, _ = setup(config, dataset=dataset)
+    session.latents.build_cache()
+    if config.offload_idle_modules:
+        session.offload_idle(True)
+    return session
+
+
 def run_case(model: str, location: str, resolution: int, batch: int, optimizer: str, *, steps: int, warmup: int,
              device: str, weight_type: str, compile_: bool | None, gradient_checkpointing: bool,
              extra: dict | None = None) -> CaseResult:
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch_name:
-        scratch = Path(scratch_name)
-        dataset = synthetic_dataset(scratch, max(8, batch), resolution)
-        per_phase = warmup + steps
-        config = load_config({
-            "lora_training_urls": str(scratch), "concept_mode": "object", "ckpt_path": location,
-            "resolution": resolution, "train_batch_size": batch, "unet_optimizer_type": optimizer,
-            "ti_optimizer": "prodigy" if optimizer == "prodigy" else "adamw", "max_train_steps": 2 * per_phase,
-            "freeze_ti_after_completion_f": 0.5, "checkpointing_steps": 0, "checkpoint_rule": "every",
-            "n_sample_imgs": 0, "device": device,
-            "weight_type": weight_type, "torch_compile": compile_, "gradient_checkpointing": gradient_checkpointing,
-            "output_dir": str(scratch / "runs"), "seed": 0, "caption_model": "no_caption", **(extra or {}),
-        })
-        session, _ = setup(config, dataset=dataset)
-        session.latents.build_cache()
-        if config.offload_idle_modules:
-            session.offload_idle(True)
+        session = case_session(Path(scratch_name), location, resolution, batch, optimizer, per_phase=warmup + steps,
+                               device=device, weight_type=weight_type, compile_=compile_,
+                               gradient_checkpointing=gradient_checkpointing, extra=extra)
+        config = session.config
         ti_rate, ti_peak, warmup_ti = _timed_steps(session, 0, warmup, steps)
         pivot_rate, pivot_peak, warmup_pivot = _timed_steps(session, session.schedule.ti_end, warmup, steps)
         result = CaseResult(
@@ -142,6 +162,35 @@ def run_case(model: str, location: str, resolution: int, batch: int, optimizer: 
             load_s=session.timings["model_load_s"], warmup_s=warmup_ti + warmup_pivot,
         )
         session.device.empty_cache()
+        del session
+        gc.collect()
+    return result
+
+
+def _counted_steps(session, first_step: int, warmup: int, steps: int) -> dict:
+    phase = session.schedule.at(first_step)
+    step_module.enter_phase(session, phase, first_step)
+    for step in range(first_step, first_step + warmup):  # optimiser state and caches are created here
+        step_module.train_step(session, step, phase)
+    counts = StepOpCounts()
+    with count_ops(counts):
+        for step in range(first_step + warmup, first_step + warmup + steps):
+            step_module.train_step(session, step, phase)
+            counts.steps += 1
+    return counts.per_step()
+
+
+def count_case(model: str, location: str, resolution: int, batch: int, optimizer: str, *, steps: int, warmup: int,
+               device: str, weight_type: str, gradient_checkpointing: bool, extra: dict | None = None) -> dict:
+    """Ops and host syncs per step in each phase (eager: compilation would hide the dispatch from the counter)."""
+    warmup = max(1, warmup)
+    with tempfile.TemporaryDirectory(prefix="bench-ops-") as scratch_name:
+        session = case_session(Path(scratch_name), location, resolution, batch, optimizer, per_phase=warmup + steps,
+                               device=device, weight_type=weight_type, compile_=False,
+                               gradient_checkpointing=gradient_checkpointing, extra=extra)
+        result = {"model": model, "resolution": resolution, "batch": batch, "optimizer": optimizer,
+                  "ti": _counted_steps(session, 0, warmup, steps),
+                  "pivot": _counted_steps(session, session.schedule.ti_end, warmup, steps)}
         del session
         gc.collect()
     return result
@@ -201,6 +250,17 @@ def markdown(report: dict) -> str:
             f"{case['pivot_images_per_s']:.2f} | {gib(case['pivot_peak_gib'])} | {case['load_s']:.1f} | "
             f"{case['warmup_s']:.1f} |"
         )
+    for case in report.get("op_counts", []):
+        ti, pivot = case["ti"], case["pivot"]
+        lines += ["", f"Ops per step, {case['model']} {case['resolution']} px, batch {case['batch']}, "
+                      f"{case['optimizer']} (all / not views; {ti['steps']} counted steps per phase):", "",
+                  "| category | before the pivot | after the pivot |", "|---|---|---|"]
+        for category in CATEGORIES:
+            a, b = ti["by_category"][category], pivot["by_category"][category]
+            lines.append(f"| {category} | {a[0]:,} / {a[1]:,} | {b[0]:,} / {b[1]:,} |")
+        lines.append(f"| **total** | **{ti['all']:,} / {ti['non_view']:,}** | "
+                     f"**{pivot['all']:,} / {pivot['non_view']:,}** |")
+        lines.append(f"| host syncs (`.item()`, `.tolist()`) | {ti['syncs']:g} | {pivot['syncs']:g} |")
     if report.get("end_to_end"):
         e2e = report["end_to_end"]
         lines += ["", f"End to end (default job, {e2e['steps']} steps, sources to zip): {e2e['total_s']:.1f} s "
@@ -236,7 +296,7 @@ def preset_settings(name: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sdxl", choices=[*REAL_MODELS, *TINY_MODELS])
+    parser.add_argument("--model", default="sdxl", choices=[*REAL_MODELS, *NARROW_MODELS, *TINY_MODELS])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "prodigy"], choices=["adamw", "prodigy",
@@ -249,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
     parser.add_argument("--end-to-end", action="store_true", help="also time the default job from images to zip")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count ops and host syncs per step (eager) instead of timing; --steps steps per phase")
     parser.add_argument("--e2e-steps", type=int, default=None, help="steps of the end-to-end job (default 300)")
     parser.add_argument("--output", type=Path, default=Path("benchmark-results.json"))
     args = parser.parse_args(argv)
@@ -259,12 +321,22 @@ def main(argv: list[str] | None = None) -> int:
     build_device = select_device(args.device)
     location = model_location(args.model, model_cache_dir(), build_device)
     cases: list[dict] = []
+    op_counts: list[dict] = []
     report: dict[str, Any] = {"command": "python -m trainer benchmark " + " ".join(argv or sys.argv[1:]),
                               "environment": environment(args.device), "cases": cases, "end_to_end": None}
+    if args.count_ops:
+        report["op_counts"] = op_counts
     for resolution in args.resolutions:
         for batch in args.batches:
             for optimizer in args.optimizers:
                 logger.info("case: %s %d px, batch %d, %s", args.model, resolution, batch, optimizer)
+                if args.count_ops:
+                    op_counts.append(count_case(args.model, location, resolution, batch, optimizer,
+                                                steps=args.steps, warmup=args.warmup, device=args.device,
+                                                weight_type=args.weight_type,
+                                                gradient_checkpointing=args.gradient_checkpointing, extra=extra))
+                    args.output.write_text(json.dumps(report, indent=2))
+                    continue
                 case = run_case(args.model, location, resolution, batch, optimizer, steps=args.steps,
                                 warmup=args.warmup, device=args.device, weight_type=args.weight_type,
                                 compile_=compile_, gradient_checkpointing=args.gradient_checkpointing,

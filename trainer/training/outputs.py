@@ -83,7 +83,9 @@ def render_samples(session: Session, folder: Path, step: int) -> Path | None:
         pipeline.set_progress_bar_config(disable=True)
         if config.enable_cpu_offload_during_validation and session.device.backend != "cpu":
             pipeline.enable_model_cpu_offload(device=session.device.device)
-        with session.device.autocast():
+        # Sampling runs the compiled blocks eager: its CFG batch, other size and no-grad mode would each compile
+        # new graphs for a few dozen denoising steps, costing more than they save and spending the recompile budget.
+        with session.device.autocast(), torch.compiler.set_stance("force_eager"):
             images = sampling.render(
                 pipeline, prompts, trigger=run.trigger, token_string=session.token_string,
                 size_hw=run.sample_size, steps=config.validation_num_inference_steps,

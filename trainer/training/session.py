@@ -19,6 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from trainer.adapters import lora as lora_adapters
+from trainer.adapters.attention import install_lean_processors
 from trainer.adapters.attention_probe import TokenAttentionProbe, install_probe
 from trainer.adapters.tokens import CONCEPT_INIT_WORDS, NewTokens, TokenInit
 from trainer.config.load import save_training_args
@@ -167,8 +168,9 @@ def setup(config: TrainingConfig, *, run_dir: Path | None = None, dataset: Prepa
     schedule = Schedule.from_config(config, run.total_steps, tokens is not None, adapters.te_lora,
                                     run.steps_per_epoch)
     groups = build_optimizer_groups(config, run, schedule, device, tokens, adapters)
+    install_lean_processors(models.unet)
     probe = install_token_probe(config, models, tokens)
-    compile_unet(config, models, device)
+    compile_unet(config, models, device, n_sizes=len(set(dataset.target_sizes)))
 
     session = Session(
         config=config, run=run, device=device, dist=dist, models=models, dataset=dataset, tokens=tokens,
@@ -311,15 +313,28 @@ def install_token_probe(config: TrainingConfig, models: SDModels,
     return None
 
 
-def compile_unet(config: TrainingConfig, models: SDModels, device: DeviceInfo) -> None:
+#: Graphs one training size can need in a compiled transformer block: one per block width (SDXL has three levels
+#: with attention), one more for the probed mid-block layers, each with and without a gradient into the text
+#: context (before and after the pivot).
+GRAPHS_PER_SIZE = 8
+
+
+def compile_unet(config: TrainingConfig, models: SDModels, device: DeviceInfo, n_sizes: int = 1) -> None:
     if not (config.torch_compile if config.torch_compile is not None else device.supports_compile):
         return
     # Regional compilation: each transformer block compiles once and is reused, so the warm-up takes seconds where
     # compiling the whole UNet takes minutes. After LoRA injection, so the adapters are compiled in.
     # TRAINER_COMPILE_BACKEND picks another torch.compile backend (e.g. aot_eager to debug graph capture).
     backend = os.environ.get("TRAINER_COMPILE_BACKEND", "inductor")
+    # Every block shares one code object, whose graphs count against one recompile limit (8 by default): past it
+    # the blocks silently run eager. Shapes are static (a specialised graph per size is faster), so the limit must
+    # cover every (width, probe, text gradient) variant of every aspect bucket; it still bounds a runaway.
+    limit = GRAPHS_PER_SIZE * max(1, n_sizes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
     models.unet.compile_repeated_blocks(dynamic=False, backend=backend)
-    logger.info("compiling the UNet's transformer blocks (regional torch.compile, %s)", backend)
+    logger.info("compiling the UNet's transformer blocks (regional torch.compile, %s; up to %d graphs)", backend,
+                limit)
 
 
 def latent_source(config: TrainingConfig, dataset: PreparedDataset, models: SDModels, device: DeviceInfo,
