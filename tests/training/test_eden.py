@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import make_concept_images, prepared_dataset, tiny_config
+from tests.helpers import make_concept_images, tiny_config
 from trainer.config.load import ConfigError, load_config
 from trainer.config.schema import TrainingConfig
 from trainer.data.captions import place_trigger
@@ -29,16 +29,6 @@ from trainer.training.schedule import Progress
 from trainer.training.session import setup
 
 URL = "https://storage.example.com/sets/xander_5.zip"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_concept_images(tmp_path_factory.mktemp("images") / "set", n=4)
-
-
-@pytest.fixture(scope="module")
-def dataset(images, tmp_path_factory):
-    return prepared_dataset(images, tmp_path_factory.mktemp("prepared"))
 
 
 def _session(images, dataset, tmp_path, **overrides):

@@ -7,23 +7,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from tests.helpers import denoising_eval, make_concept_images, prepared_dataset, tiny_config
+from tests.helpers import denoising_eval, prepared_dataset, tiny_config
 from trainer.adapters.lora import lora_state_dict
 from trainer.training import loop
 from trainer.training import step as training_step
 from trainer.training.checkpoint import list_checkpoints
 from trainer.training.errors import TrainingCancelled, TrainingDiverged
 from trainer.training.session import setup
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_concept_images(tmp_path_factory.mktemp("images") / "set", n=4)
-
-
-@pytest.fixture(scope="module")
-def dataset(images, tmp_path_factory):
-    return prepared_dataset(images, tmp_path_factory.mktemp("prepared"))
 
 
 def _session(images, dataset, tmp_path, **overrides):
