@@ -186,12 +186,14 @@ def test_caption_prefix_and_trigger_placement_per_mode(mode, prefix, caption, ex
 
 
 def test_the_trigger_counts_as_given_wherever_its_letters_appear():
-    """Eden (preprocess.py): the last check puts ``"TOK, "`` in front only when the lower-cased caption lacks
-    ``tok`` anywhere, inside words too, so a prefix such as "tokyo street" leaves no trigger; ``caption_trigger:
-    where_given`` asks for the whole word (listed in the README's differences)."""
-    assert place_trigger("a red disc", "TOK", "object", "tokyo street") == "tokyo street, a red disc"
-    assert place_trigger("a red disc", "TOK", "object", "tokyo street", rule="where_given") == \
-        "TOK, tokyo street a red disc"
+    """Eden (preprocess.py, load_and_save_masks_and_captions): ``"TOK, " + caption if "TOK" not in caption``, a
+    case-sensitive test for the letters anywhere, inside words too, so a prefix such as "TOKYO street" leaves no
+    trigger while "tokyo street" gets one; ``caption_trigger: where_given`` asks for the whole word (listed in the
+    README's differences)."""
+    assert place_trigger("a red disc", "TOK", "object", "TOKYO street") == "TOKYO street, a red disc"
+    assert place_trigger("a red disc", "TOK", "object", "tokyo street") == "TOK, tokyo street, a red disc"
+    assert place_trigger("a red disc", "TOK", "object", "TOKYO street", rule="where_given") == \
+        "TOK, TOKYO street a red disc"
 
 
 def test_disable_ti_adds_no_trigger(tmp_path):

@@ -182,8 +182,8 @@ class TrainingConfig(BaseModel):
     caption_trigger: Literal["eden", "where_given"] = "eden"
     """Where the trigger goes in the training captions. `eden`: Eden's placement (see `caption_prefix`), in front of
     every caption, also one that names the trigger already, and a caption counts as naming it when its letters
-    appear anywhere (`tokyo` too). `where_given`: a caption or prefix that names the trigger as a whole word keeps it
-    where it is, without a second one in front."""
+    appear anywhere, case kept (`TOKYO` too). `where_given`: a caption or prefix that names the trigger as a whole
+    word keeps it where it is, without a second one in front."""
 
     prompt_modifier: Optional[Text] = None
     """A `str.format` template applied to every training caption and sampling prompt, as Eden does: `{}` stands for

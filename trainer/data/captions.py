@@ -93,9 +93,9 @@ def place_trigger(caption: str, trigger: str, concept_mode: str, caption_prefix:
         lead = STYLE_TEMPLATE.format(trigger=trigger) if concept_mode == "style" else trigger
         text = eden_fix_prompt(f"{lead}, {text}")
     text = apply_prompt_modifier(prompt_modifier, text)
-    # Eden's last check looks for the lower-cased trigger anywhere, inside words too, so a prefix such as
-    # "tokyo street" leaves the caption without a trigger; `where_given` asks for the whole word.
-    named = contains_trigger(text, trigger) if rule == "where_given" else trigger.lower() in text.lower()
+    # Eden's last check (`"TOK" not in caption`) looks for the trigger's letters anywhere, inside words too, so a
+    # prefix such as "TOKYO street" leaves the caption without a trigger; `where_given` asks for the whole word.
+    named = contains_trigger(text, trigger) if rule == "where_given" else trigger in text
     if not named:
         text = f"{trigger}, {text}"
     return text
