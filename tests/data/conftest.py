@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from hypothesis import settings
 
 from tests.data.factories import Sandbox, make_sandbox
+from tests.local_http import start_counting_server
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 # Property tests keep no example database in the work tree: each run draws afresh (CI runs on fresh clones anyway).
@@ -70,16 +70,11 @@ class FileServer:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeouts)
                     self.wfile.write(route.body)
 
-        class CountingServer(ThreadingHTTPServer):
-            def verify_request(self, request, client_address) -> bool:
-                server.connections += 1  # every accepted TCP connection, before any byte is read
-                return True
+        def count() -> None:
+            server.connections += 1
 
         self.connections = 0
-        self.httpd = CountingServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.httpd = start_counting_server(Handler, count)
 
     @property
     def base(self) -> str:

@@ -20,9 +20,11 @@ import json
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.local_http import start_counting_server
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5")
 CHUNK = 1 << 16
@@ -139,15 +141,10 @@ class FakeHub:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     hub.route(self, head)
 
-        class Counting(ThreadingHTTPServer):
-            daemon_threads = True
+        def count() -> None:
+            hub.connections += 1
 
-            def verify_request(self, request, client_address) -> bool:
-                hub.connections += 1
-                return True
-
-        self.httpd = Counting(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.httpd = start_counting_server(Handler, count)
 
     # --------------------------------------------------------------------------------------------- set-up
     @property

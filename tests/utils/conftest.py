@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from tests.local_http import start_counting_server
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
 Behaviour = Callable[[BaseHTTPRequestHandler], None]
@@ -41,15 +41,10 @@ class ScriptedServer:
                     else:
                         behaviour(self)
 
-        class Counting(ThreadingHTTPServer):
-            daemon_threads = True
+        def count() -> None:
+            owner.connections += 1
 
-            def verify_request(self, request, client_address) -> bool:
-                owner.connections += 1
-                return True
-
-        self.httpd = Counting(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.httpd = start_counting_server(Handler, count)
 
     @property
     def port(self) -> int:
