@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import predict
 from tests.conftest import REPO_ROOT
 from trainer.utils.download import ENV_ALLOW_PRIVATE_HOSTS
 
@@ -37,6 +38,18 @@ def tiny_inputs(images_url: str, **overrides) -> dict:
     }
     inputs.update(overrides)
     return inputs
+
+
+def start_predictor(patch: pytest.MonkeyPatch, predict_dir: Path, weights: str | None = None,
+                    **env: str) -> predict.Predictor:
+    """``predict.Predictor`` set up as cog does, on the CPU, with the operator's ``env`` (``TRAINER_*`` names) set
+    first; pytest keeps its own logging."""
+    for name, value in {"TRAINER_DEVICE": "cpu", "TRAINER_PREDICT_DIR": str(predict_dir), **env}.items():
+        patch.setenv(name, value)
+    patch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
+    predictor = predict.Predictor()
+    predictor.setup(weights=weights)
+    return predictor
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 import train as train_module
 from tests.models.fake_hub import FakeHub
-from tests.serving.conftest import TINY_TRAINING_ARGS, tiny_inputs
+from tests.serving.conftest import TINY_TRAINING_ARGS, server_env, start_predictor, tiny_inputs
 from trainer.models.hub import ENV_ALLOWED_HUB_MODELS, REQUESTED_DIR, pipeline_files
 from trainer.models.loading import ENV_MAX_MODEL_BYTES
 from trainer.models.tiny import tiny_model_dir
@@ -122,16 +122,8 @@ def test_a_training_job_over_the_cap_fails_and_leaves_the_cache_as_it_was(hub, f
 # ---------------------------------------------------------------------------------------------- predictor
 @pytest.fixture
 def predictor(cache, tmp_path, monkeypatch):
-    import predict
-
-    monkeypatch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
-    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
-    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
-    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path / "predict"))
-    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
-    instance = predict.Predictor()
-    instance.setup(weights=None)
-    return instance
+    return start_predictor(monkeypatch, tmp_path / "predict", TRAINER_SDXL_MODEL="tiny-sdxl",
+                           TRAINER_SAFETY_CHECKER="tiny-safety-checker")
 
 
 def _lora_naming(trained_sdxl, file_server, name: str, base: str) -> str:
@@ -176,7 +168,6 @@ def test_a_lora_zip_names_its_base_model_under_the_same_rules(hub, predictor, tr
 def hub_server(tmp_path_factory, model_cache, s3_server, file_server):
     """The real cog training server, online to the fake hub (and the file server) only, listing testorg/*."""
     from tests.conftest import REPO_ROOT
-    from tests.serving.conftest import server_env
     from trainer.tooling.cog_client import CogServer
 
     hub = FakeHub()

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import predict
+from tests.serving.conftest import start_predictor
 from trainer.inference import remote
 from trainer.inference.service import PredictionInputs
 from trainer.tooling.cog_client import FileServer
@@ -44,16 +45,9 @@ def served_loras(trained_sdxl, tmp_path_factory):
 def base_predictor(tmp_path_factory, model_cache):
     """A predictor started without weights: the default SDXL base (here the tiny one, set by environment)."""
     patch = pytest.MonkeyPatch()
-    patch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
     # The tiny companions, named as the tiny base model is: never used unless named.
-    patch.setenv("TRAINER_SDXL_REFINER", "tiny-sdxl-refiner")
-    patch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
-    patch.setenv("TRAINER_DEVICE", "cpu")
-    patch.setenv("TRAINER_PREDICT_DIR", str(tmp_path_factory.mktemp("predict")))
-    patch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)  # keep pytest's logging
-    predictor = predict.Predictor()
-    predictor.setup(weights=None)
-    yield predictor
+    yield start_predictor(patch, tmp_path_factory.mktemp("predict"), TRAINER_SDXL_MODEL="tiny-sdxl",
+                          TRAINER_SDXL_REFINER="tiny-sdxl-refiner", TRAINER_SAFETY_CHECKER="tiny-safety-checker")
     patch.undo()
 
 
@@ -160,12 +154,8 @@ def test_a_url_that_is_not_a_trained_zip_is_refused_and_not_cached(base_predicto
 
 def test_weights_at_setup_from_a_local_zip(trained_sd15, tmp_path, monkeypatch, model_cache):
     """COG_WEIGHTS may be a local path (the operator sets it); TOK becomes the trained tokens."""
-    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
-    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path))
-    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
-    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
-    predictor = predict.Predictor()
-    predictor.setup(weights=str(trained_sd15["result"].zip_path))
+    predictor = start_predictor(monkeypatch, tmp_path, str(trained_sd15["result"].zip_path),
+                                TRAINER_SAFETY_CHECKER="tiny-safety-checker")
     generator = predictor.service.generator
     assert generator.version == "sd15" and generator.active is not None
     assert generator.prompt_text("in the style of TOK") == "in the style of <s0><s1>"
@@ -270,14 +260,8 @@ def flagging_predictor(tmp_path, model_cache, monkeypatch):
     from trainer.models.tiny import build_tiny_safety_checker
 
     build_tiny_safety_checker(tmp_path / "checker", flag_everything=True)
-    monkeypatch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
-    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", str(tmp_path / "checker"))
-    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
-    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path / "predict"))
-    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
-    predictor = predict.Predictor()
-    predictor.setup(weights=None)
-    return predictor
+    return start_predictor(monkeypatch, tmp_path / "predict", TRAINER_SDXL_MODEL="tiny-sdxl",
+                           TRAINER_SAFETY_CHECKER=str(tmp_path / "checker"))
 
 
 def test_flagged_outputs_are_black_and_reported(flagging_predictor, monkeypatch, caplog):
@@ -295,14 +279,8 @@ def test_flagged_outputs_are_black_and_reported(flagging_predictor, monkeypatch,
 
 def test_the_operator_can_turn_the_checker_off_and_the_refiner_waits_for_its_first_use(tmp_path, model_cache,
                                                                                        monkeypatch):
-    monkeypatch.setenv("TRAINER_DISABLE_SAFETY_CHECKER", "1")
-    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", str(tmp_path / "never-loaded"))
-    monkeypatch.setenv("TRAINER_SDXL_MODEL", "tiny-sdxl")
-    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
-    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path / "predict"))
-    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
-    predictor = predict.Predictor()
-    predictor.setup(weights=None)
+    predictor = start_predictor(monkeypatch, tmp_path / "predict", TRAINER_DISABLE_SAFETY_CHECKER="1",
+                                TRAINER_SAFETY_CHECKER=str(tmp_path / "never-loaded"), TRAINER_SDXL_MODEL="tiny-sdxl")
     assert predictor.service.safety_checker is None
     assert _pixels(predictor.run(prompt="a dog", **SMALL)).any()
     # Nothing loaded the refiner yet (TRAINER_SDXL_REFINER is not even set here: the default hub id is never fetched).
@@ -343,12 +321,8 @@ def test_edens_tar_zip_and_folder_give_the_images_of_our_zip(base_predictor, ser
 def test_edens_tar_as_weights_at_setup(base_predictor, served_loras, served_eden, tmp_path, monkeypatch, model_cache):
     """COG_WEIGHTS may name Eden's tar (here a local file, as the operator may set it)."""
     ours = _pixels(base_predictor.run(prompt="a photo of TOK", lora_url=served_loras.url("sdxl.zip"), **SMALL))
-    monkeypatch.setenv("TRAINER_DEVICE", "cpu")
-    monkeypatch.setenv("TRAINER_PREDICT_DIR", str(tmp_path))
-    monkeypatch.setenv("TRAINER_SAFETY_CHECKER", "tiny-safety-checker")
-    monkeypatch.setattr("trainer.utils.logs.setup_logging", lambda debug=False: None)
-    predictor = predict.Predictor()
-    predictor.setup(weights=str(served_eden["tar"]))
+    predictor = start_predictor(monkeypatch, tmp_path, str(served_eden["tar"]),
+                                TRAINER_SAFETY_CHECKER="tiny-safety-checker")
     generator = predictor.service.generator
     assert generator.version == "sdxl" and generator.active.layout == "eden"
     assert generator.prompt_text("a photo of TOK") == "a photo of <s0><s1>"
