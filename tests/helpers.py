@@ -10,6 +10,8 @@ from PIL import Image
 
 from trainer.config.load import load_config
 from trainer.config.schema import TrainingConfig
+from trainer.models.loading import model_cache_dir
+from trainer.models.tiny import tiny_model_dir
 
 
 def make_concept_images(folder: Path, n: int = 4, size: int = 96, seed: int = 0, captions: bool = True) -> Path:
@@ -121,3 +123,14 @@ def prepared_dataset(images: Path, work_dir: Path, size: int = 64, trigger: str 
     dataset = PreparedDataset(root=root, samples=samples, trigger=trigger)
     dataset.save()
     return dataset
+
+
+def fresh_pipeline(session):
+    """A new diffusers pipeline of the tiny base model ``session`` trained on, as a user loads it from disk."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    folder = tiny_model_dir(session.models.source.location, model_cache_dir())
+    if session.models.is_sdxl:
+        return StableDiffusionXLPipeline.from_pretrained(folder)
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+

@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests import eden_reference as eden
+from tests.helpers import fresh_pipeline
 from trainer.export.eden import eden_trigger_text
 from trainer.export.files import EMBEDDINGS_SUFFIX, INVOKEAI_DIR
-from trainer.models.loading import model_cache_dir
-from trainer.models.tiny import tiny_model_dir
 from trainer.training.outputs import sample_prompt_list
 
 
@@ -44,15 +43,6 @@ def exported_vectors(folder, version) -> list[torch.Tensor]:
     data = load_file(str(next(folder.glob(f"*{EMBEDDINGS_SUFFIX}"))))
     keys = ("clip_l", "clip_g") if version == "sdxl" else tuple(data)
     return [data[key] for key in keys]
-
-
-def _fresh_pipeline(session):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    folder = tiny_model_dir(session.models.source.location, model_cache_dir())
-    if session.models.is_sdxl:
-        return StableDiffusionXLPipeline.from_pretrained(folder)
-    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 
 def _unet_call(unet, prompt_embeds, pooled):
@@ -90,7 +80,7 @@ def _relative_error(a, b):
 
 def _load_the_eden_way(session, folder, prompt):
     """Eden's three steps on an unpacked folder; returns the prepared prompt, its text embedding and UNet output."""
-    pipe = _fresh_pipeline(session)
+    pipe = fresh_pipeline(session)
     eden_prompt = eden.prepare_prompt_for_lora(prompt, folder)
     tokens = eden.load_ti_embeddings(pipe, folder)
     lora = eden.lora_file(folder)
@@ -146,7 +136,7 @@ def test_our_sdxl_zip_loads_through_edens_rules(trained_sdxl, tmp_path):
     trained_embeds, trained_out = _trained(session, eden_prompt)
     assert _relative_error(embeds, trained_embeds) < 1e-5
     assert _relative_error(out, trained_out) < 1e-4  # saved in fp32: exact up to float reassociation
-    _, base_out = _fresh(session, _fresh_pipeline(session), "a photo of a table")
+    _, base_out = _fresh(session, fresh_pipeline(session), "a photo of a table")
     assert _relative_error(base_out, trained_out) > 1e-3
 
 
@@ -181,7 +171,7 @@ def test_our_zip_without_tokens_loads_through_edens_rules(trained_without_tokens
     trained_embeds, trained_out = _trained(session, eden_prompt)
     assert _relative_error(embeds, trained_embeds) < 1e-6
     assert _relative_error(out, trained_out) < 1e-4
-    _, base_out = _fresh(session, _fresh_pipeline(session), eden_prompt)
+    _, base_out = _fresh(session, fresh_pipeline(session), eden_prompt)
     assert _relative_error(base_out, trained_out) > 1e-4, "the LoRA must have trained"
 
 

@@ -21,6 +21,7 @@ from tests.clients import (
     invokeai_embedding_base,
     invokeai_scan_folder,
 )
+from tests.helpers import fresh_pipeline
 from trainer.export import files
 
 #: The real text encoders' widths: CLIP-L 768 (SD1.5, SDXL's first encoder), CLIP-G 1280.
@@ -109,19 +110,6 @@ def test_embedding_vectors_reads_current_and_earlier_files():
         files.embedding_vectors({"emb_params": rows}, "sdxl", "x.safetensors")
 
 
-def _pipeline(trained):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from trainer.models.loading import model_cache_dir
-    from trainer.models.tiny import tiny_model_dir
-
-    session = trained["session"]
-    folder = tiny_model_dir(session.models.source.location, model_cache_dir())
-    if session.models.is_sdxl:
-        return StableDiffusionXLPipeline.from_pretrained(folder)
-    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-
-
 def _embeddings_path(trained):
     result = trained["result"]
     return result.final_checkpoint / f"{result.run.name}_embeddings.safetensors"
@@ -130,14 +118,14 @@ def _embeddings_path(trained):
 def test_diffusers_takes_the_sd15_file_as_tensors_or_by_path(trained_sd15):
     path = _embeddings_path(trained_sd15)
     vectors = load_file(str(path))["clip_l"]
-    pipe = _pipeline(trained_sd15)
+    pipe = fresh_pipeline(trained_sd15["session"])
     pipe.load_textual_inversion(vectors, token=["<s0>", "<s1>"])
     ids = pipe.tokenizer("<s0><s1>").input_ids[1:-1]
     table = pipe.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[ids], vectors)
 
     # By path, diffusers makes one multi-vector token: <s0>, <s0>_1, ... (a prompt then says <s0> alone).
-    by_path = _pipeline(trained_sd15)
+    by_path = fresh_pipeline(trained_sd15["session"])
     by_path.load_textual_inversion(str(path), token="<s0>")
     vocab = by_path.tokenizer.get_vocab()
     assert "<s0>" in vocab and "<s0>_1" in vocab and "<s1>" not in vocab
@@ -179,6 +167,6 @@ def _unzipped(zip_path, tmp_path):
 
 
 def test_diffusers_refuses_the_sdxl_file_by_path(trained_sdxl):
-    pipe = _pipeline(trained_sdxl)
+    pipe = fresh_pipeline(trained_sdxl["session"])
     with pytest.raises(ValueError, match="Loaded state dictionary is incorrect"):
         pipe.load_textual_inversion(str(_embeddings_path(trained_sdxl)), token="<s0>")

@@ -5,17 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from trainer.models.loading import model_cache_dir
-from trainer.models.tiny import tiny_model_dir
-
-
-def _fresh_pipeline(session):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    folder = tiny_model_dir(session.models.source.location, model_cache_dir())
-    if session.models.is_sdxl:
-        return StableDiffusionXLPipeline.from_pretrained(folder)
-    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+from tests.helpers import fresh_pipeline
 
 
 def _load_exported(pipe, result, tokens):
@@ -86,7 +76,7 @@ def test_sdxl_lora_te_lora_and_embeddings_round_trip_through_diffusers(trained_s
     prompt = "a photo of <s0><s1> on a table"
     trained_embeds, trained_out = _trained_output(session, prompt)
 
-    pipe = _fresh_pipeline(session)
+    pipe = fresh_pipeline(session)
     _, base_out = _fresh_output(session, pipe, "a photo of on a table")
     _load_exported(pipe, result, ["<s0>", "<s1>"])
     _assert_every_trained_layer_loaded(session, pipe)
@@ -103,7 +93,7 @@ def test_sd15_default_fp16_export_round_trips_within_tolerance(trained_sd15):
     session, result = trained_sd15["session"], trained_sd15["result"]
     prompt = "a cat, in the style of <s0><s1>"
     trained_embeds, trained_out = _trained_output(session, prompt)
-    pipe = _fresh_pipeline(session)
+    pipe = fresh_pipeline(session)
     _, base_out = _fresh_output(session, pipe, prompt.replace("<s0><s1>", ""))
     _load_exported(pipe, result, ["<s0>", "<s1>"])
     _assert_every_trained_layer_loaded(session, pipe)
